@@ -1,0 +1,115 @@
+"""The ``bertpre`` command: ``prepare`` (argparse) and ``train`` (LightningCLI)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import bertpre
+from bertpre.errors import UserError
+
+USAGE = """usage: bertpre {prepare,train} ...
+
+  prepare   raw text -> tokenizer + sentence-pair dataset   (bertpre prepare --help)
+  train     pretrain with MLM + NSP from a YAML config       (bertpre train --help)
+"""
+
+
+def prepare_parser() -> argparse.ArgumentParser:
+    from bertpre.corpus import FORMATS
+
+    p = argparse.ArgumentParser(
+        prog="bertpre prepare",
+        description="Turn raw text into a WordPiece tokenizer and a sentence-pair dataset for MLM + NSP.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or glob patterns")
+    io.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
+    io.add_argument("--format", default="auto", choices=FORMATS,
+                    help="lines: one sentence per line, blank line between documents; prose: wrapped text, "
+                         "split into sentences here; jsonl: one document per line; auto: by extension and content")
+    io.add_argument("--text-field", default="text", help="JSONL field holding the document text")
+    io.add_argument("--doc-separator", default=None, metavar="REGEX",
+                    help=r"a line matching this starts a new document and is dropped, e.g. '^ = [^=].* = $' for WikiText")
+    io.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    tok = p.add_argument_group("tokenizer")
+    tok.add_argument("--tokenizer", default=None, metavar="PATH",
+                     help="reuse a tokenizer.json, a vocab.txt or an earlier prepare's output instead of training one")
+    tok.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size of a trained tokenizer")
+    tok.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
+    pairs = p.add_argument_group("sentence pairs")
+    pairs.add_argument("--max-seq-length", type=int, default=128)
+    pairs.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter target length")
+    pairs.add_argument("--nsp-probability", type=float, default=0.5, help="probability that B is a random segment")
+    pairs.add_argument("--validation-fraction", type=float, default=0.05,
+                       help="fraction of documents held out for validation")
+    pairs.add_argument("--seed", type=int, default=12345)
+    pairs.add_argument("--dupe-factor", type=int, default=1,
+                       help="number of passes over the corpus, each with different pairs (and masks)")
+    masking = p.add_argument_group("masking (default: dynamic, at training time)")
+    masking.add_argument("--static-masking", action="store_true",
+                         help="store masks in the dataset, as Google's generator does")
+    masking.add_argument("--whole-word-masking", action="store_true", help="with --static-masking")
+    return p
+
+
+def run_prepare(argv: Sequence[str]) -> None:
+    from bertpre.corpus import CorpusOptions
+    from bertpre.pairs import PairOptions
+    from bertpre.prepare import PrepareOptions, prepare, summary
+
+    args = prepare_parser().parse_args(argv)
+    options = PrepareOptions(
+        inputs=args.input,
+        output=args.output,
+        corpus=CorpusOptions(format=args.format, text_field=args.text_field, doc_separator=args.doc_separator),
+        pairs=PairOptions(args.max_seq_length, args.short_seq_prob, args.nsp_probability),
+        tokenizer=args.tokenizer,
+        vocab_size=args.vocab_size,
+        cased=args.cased,
+        seed=args.seed,
+        validation_fraction=args.validation_fraction,
+        dupe_factor=args.dupe_factor,
+        static_masking=args.static_masking,
+        whole_word_masking=args.whole_word_masking,
+        overwrite=args.overwrite,
+    )
+    record = prepare(options)
+    print(summary(record, args.output))
+
+
+def run_train(argv: Sequence[str]) -> None:
+    from bertpre.train import train_cli
+
+    train_cli(list(argv))
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
+    commands = {"prepare": run_prepare, "train": run_train}
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return
+    if argv[0] in ("-V", "--version"):
+        print(f"bertpre {bertpre.__version__}")
+        return
+    if argv[0] not in commands:
+        print(f"bertpre: unknown command {argv[0]!r}\n{USAGE}", file=sys.stderr)
+        sys.exit(2)
+    try:
+        commands[argv[0]](argv[1:])
+    except UserError as e:
+        print(f"bertpre {argv[0]}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        print(f"bertpre {argv[0]}: interrupted", file=sys.stderr)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

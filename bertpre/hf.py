@@ -1,0 +1,97 @@
+"""Name map between bertpre's model and transformers' ``BertForPreTraining``.
+
+One entry per parameter, both directions; the MLM decoder weight is the word-embedding
+matrix (tied), so it has no entry of its own here and HF's copy is dropped on import.
+"""
+
+from __future__ import annotations
+
+import re
+
+from torch import Tensor
+
+from bertpre.model import BertConfig
+
+GLOBAL_NAMES = {
+    "embeddings.word.weight": "bert.embeddings.word_embeddings.weight",
+    "embeddings.position.weight": "bert.embeddings.position_embeddings.weight",
+    "embeddings.token_type.weight": "bert.embeddings.token_type_embeddings.weight",
+    "embeddings.norm.weight": "bert.embeddings.LayerNorm.weight",
+    "embeddings.norm.bias": "bert.embeddings.LayerNorm.bias",
+    "pooler.weight": "bert.pooler.dense.weight",
+    "pooler.bias": "bert.pooler.dense.bias",
+    "mlm_dense.weight": "cls.predictions.transform.dense.weight",
+    "mlm_dense.bias": "cls.predictions.transform.dense.bias",
+    "mlm_norm.weight": "cls.predictions.transform.LayerNorm.weight",
+    "mlm_norm.bias": "cls.predictions.transform.LayerNorm.bias",
+    "mlm_bias": "cls.predictions.bias",
+    "nsp.weight": "cls.seq_relationship.weight",
+    "nsp.bias": "cls.seq_relationship.bias",
+}
+LAYER_NAMES = {  # under layers.N. -> under bert.encoder.layer.N.
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_out": "attention.output.dense",
+    "attention_norm": "attention.output.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_out": "output.dense",
+    "ffn_norm": "output.LayerNorm",
+}
+HF_TIED = ("cls.predictions.decoder.weight", "cls.predictions.decoder.bias")
+_OURS_LAYER = re.compile(r"layers\.(\d+)\.(\w+)\.(weight|bias)")
+_HF_LAYER = re.compile(r"bert\.encoder\.layer\.(\d+)\.(.+)\.(weight|bias)")
+_HF_TO_LAYER = {hf: ours for ours, hf in LAYER_NAMES.items()}
+_HF_TO_GLOBAL = {hf: ours for ours, hf in GLOBAL_NAMES.items()}
+
+
+def to_hf_name(name: str) -> str:
+    if name in GLOBAL_NAMES:
+        return GLOBAL_NAMES[name]
+    m = _OURS_LAYER.fullmatch(name)
+    if m is None or m.group(2) not in LAYER_NAMES:
+        raise KeyError(f"no HuggingFace name for parameter {name!r}")
+    return f"bert.encoder.layer.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+
+
+def from_hf_name(name: str) -> str:
+    if name in _HF_TO_GLOBAL:
+        return _HF_TO_GLOBAL[name]
+    m = _HF_LAYER.fullmatch(name)
+    if m is None or m.group(2) not in _HF_TO_LAYER:
+        raise KeyError(f"no bertpre name for HuggingFace parameter {name!r}")
+    return f"layers.{m.group(1)}.{_HF_TO_LAYER[m.group(2)]}.{m.group(3)}"
+
+
+def to_hf_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    hf = {to_hf_name(name): tensor for name, tensor in state_dict.items()}
+    hf["cls.predictions.decoder.weight"] = hf["bert.embeddings.word_embeddings.weight"]
+    return hf
+
+
+def from_hf_state_dict(state_dict: dict[str, Tensor]) -> dict[str, Tensor]:
+    skipped = set(HF_TIED) | {"bert.embeddings.position_ids"}
+    return {from_hf_name(name): t for name, t in state_dict.items() if name not in skipped}
+
+
+def hf_config(config: BertConfig, pad_token_id: int) -> dict:
+    """A transformers ``BertConfig`` as a dict (the content of config.json)."""
+    return {
+        "model_type": "bert",
+        "architectures": ["BertForPreTraining"],
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.hidden_size,
+        "num_hidden_layers": config.num_layers,
+        "num_attention_heads": config.num_heads,
+        "intermediate_size": config.intermediate_size,
+        "hidden_act": "gelu",
+        "hidden_dropout_prob": config.hidden_dropout,
+        "attention_probs_dropout_prob": config.attention_dropout,
+        "max_position_embeddings": config.max_position_embeddings,
+        "type_vocab_size": config.type_vocab_size,
+        "initializer_range": config.initializer_range,
+        "layer_norm_eps": config.layer_norm_eps,
+        "pad_token_id": pad_token_id,
+        "position_embedding_type": "absolute",
+        "tie_word_embeddings": True,
+    }

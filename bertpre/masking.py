@@ -1,0 +1,138 @@
+"""Masked-LM masking and the batch collator.
+
+Per sequence, ``min(max_predictions, max(1, round(len * 0.15)))`` positions are chosen
+(``len`` counts [CLS] and [SEP], as Google does) among all tokens but [CLS], [SEP] and
+[PAD]. Of those, 80% become [MASK], 10% a random non-special token, 10% stay as they
+are. With whole-word masking a word's ``##`` pieces are chosen together; each piece
+still gets its own 80/10/10 draw.
+
+Batches use HuggingFace's keys, so one can be given to transformers' BertForPreTraining.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from bertpre.errors import UserError
+from bertpre.tokenizer import SpecialIds, special_ids
+
+IGNORE_INDEX = -100
+MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1
+
+
+def default_max_predictions(max_seq_length: int) -> int:
+    """Google's 20 predictions at length 128, scaled linearly (80 at 512)."""
+    return max(1, round(20 * max_seq_length / 128))
+
+
+@dataclass(frozen=True)
+class Masker:
+    special: SpecialIds
+    random_pool: np.ndarray  # ids a "random token" replacement is drawn from (non-special)
+    max_predictions: int
+    mlm_probability: float = 0.15
+    continuation: np.ndarray | None = None  # bool per id: True for "##" pieces; enables whole-word masking
+
+    @classmethod
+    def from_tokenizer(
+        cls, tokenizer: Tokenizer, max_predictions: int, mlm_probability: float = 0.15, whole_word: bool = False
+    ) -> Masker:
+        if not 0.0 < mlm_probability < 1.0:
+            raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
+        if max_predictions < 1:
+            raise UserError(f"max_predictions must be at least 1, got {max_predictions}")
+        special = special_ids(tokenizer)
+        vocab = tokenizer.get_vocab()
+        size = max(vocab.values()) + 1
+        random_pool = np.setdiff1d(np.arange(size, dtype=np.int64), np.array(special.all))
+        continuation = None
+        if whole_word:
+            continuation = np.zeros(size, dtype=bool)
+            continuation[[i for token, i in vocab.items() if token.startswith("##")]] = True
+        return cls(special, random_pool, max_predictions, mlm_probability, continuation)
+
+    def num_to_predict(self, length: int) -> int:
+        return min(self.max_predictions, max(1, round(length * self.mlm_probability)))
+
+    def choose_positions(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Sorted positions to predict in one unpadded sequence."""
+        eligible = (ids != self.special.cls) & (ids != self.special.sep) & (ids != self.special.pad)
+        candidates = np.flatnonzero(eligible)
+        n = min(self.num_to_predict(len(ids)), len(candidates))
+        if self.continuation is None:
+            return np.sort(rng.choice(candidates, size=n, replace=False))
+        # Whole words: a piece joins the group before it when it is a "##" piece right after it.
+        continues = self.continuation[ids[candidates]]
+        continues[1:] &= np.diff(candidates) == 1
+        continues[0] = False
+        group_of = np.cumsum(~continues) - 1
+        starts = np.flatnonzero(~continues)
+        lengths = np.diff(np.append(starts, len(candidates)))
+        chosen: list[int] = []
+        total = 0
+        for group in rng.permutation(len(starts)):
+            if total >= n:
+                break
+            if total + lengths[group] > n:
+                continue
+            chosen.append(group)
+            total += lengths[group]
+        return candidates[np.isin(group_of, chosen)]
+
+    def apply(self, input_ids: np.ndarray, rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+        """Mask ``input_ids[rows, cols]`` in place (80/10/10); returns the original ids there."""
+        originals = input_ids[rows, cols].copy()
+        draw = rng.random(len(rows))
+        to_mask = draw < MASK_FRACTION
+        to_random = (draw >= MASK_FRACTION) & (draw < MASK_FRACTION + RANDOM_FRACTION)
+        input_ids[rows[to_mask], cols[to_mask]] = self.special.mask
+        input_ids[rows[to_random], cols[to_random]] = rng.choice(self.random_pool, size=int(to_random.sum()))
+        return originals
+
+
+class MaskingCollator:
+    """Pads a list of examples to the longest (optionally a multiple of ``pad_to_multiple_of``)
+    and masks them afresh (dynamic masking), unless they carry stored masks (static masking).
+
+    Randomness comes from torch's generator, which Lightning seeds per process and per loader worker.
+    """
+
+    def __init__(self, masker: Masker, pad_to_multiple_of: int | None = None) -> None:
+        self.masker = masker
+        self.pad_to_multiple_of = pad_to_multiple_of
+
+    def __call__(self, examples: Sequence[Mapping[str, object]]) -> dict[str, torch.Tensor]:
+        lengths = [len(e["input_ids"]) for e in examples]
+        width = max(lengths)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+        batch = len(examples)
+        input_ids = np.full((batch, width), self.masker.special.pad, dtype=np.int64)
+        token_type_ids = np.zeros((batch, width), dtype=np.int64)
+        attention_mask = np.zeros((batch, width), dtype=np.int64)
+        labels = np.full((batch, width), IGNORE_INDEX, dtype=np.int64)
+        for row, (example, length) in enumerate(zip(examples, lengths)):
+            input_ids[row, :length] = example["input_ids"]
+            token_type_ids[row, :length] = example["token_type_ids"]
+            attention_mask[row, :length] = 1
+        if "masked_lm_positions" in examples[0]:
+            for row, example in enumerate(examples):
+                labels[row, np.asarray(example["masked_lm_positions"], dtype=np.int64)] = example["masked_lm_ids"]
+        else:
+            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+            chosen = [self.masker.choose_positions(input_ids[row, :length], rng) for row, length in enumerate(lengths)]
+            rows = np.repeat(np.arange(batch), [len(c) for c in chosen])
+            cols = np.concatenate(chosen)
+            labels[rows, cols] = self.masker.apply(input_ids, rows, cols, rng)
+        return {
+            "input_ids": torch.from_numpy(input_ids),
+            "token_type_ids": torch.from_numpy(token_type_ids),
+            "attention_mask": torch.from_numpy(attention_mask),
+            "labels": torch.from_numpy(labels),
+            "next_sentence_label": torch.tensor([int(e["next_sentence_label"]) for e in examples], dtype=torch.long),
+        }

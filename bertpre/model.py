@@ -1,0 +1,180 @@
+"""BERT for pretraining (masked-LM + next-sentence prediction), in plain PyTorch.
+
+Post-LN encoder, learned absolute positions, exact (erf) GELU, a pooler on [CLS], an MLM
+head whose decoder is tied to the word embeddings, and an NSP head. Every parameter has
+a counterpart in transformers' ``BertForPreTraining`` (see ``bertpre.hf``). The loss is
+computed outside the model (``bertpre.loss``). Shapes: B batch, T tokens, H hidden,
+N heads, D head size, V vocabulary, P predicted positions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, fields, replace
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from bertpre.errors import UserError
+
+
+@dataclass(frozen=True)
+class BertConfig:
+    vocab_size: int | None = None  # None: the vocabulary size of the prepared data's tokenizer
+    hidden_size: int = 768
+    num_layers: int = 12
+    num_heads: int = 12
+    intermediate_size: int = 3072
+    max_position_embeddings: int = 512
+    type_vocab_size: int = 2
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name.endswith("dropout"):
+                if not 0.0 <= value < 1.0:
+                    raise UserError(f"model.config.{f.name} must be in [0, 1), got {value}")
+            elif f.name not in ("layer_norm_eps", "initializer_range") and value is not None and value <= 0:
+                raise UserError(f"model.config.{f.name} must be positive, got {value}")
+        if self.hidden_size % self.num_heads:
+            raise UserError(
+                f"model.config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
+            )
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> BertConfig:
+        if name not in PRESETS:
+            raise UserError(f"unknown model preset {name!r}; choose from {', '.join(PRESETS)}")
+        return replace(PRESETS[name], **overrides)
+
+
+PRESETS = {
+    "bert-tiny": BertConfig(hidden_size=128, num_layers=2, num_heads=2, intermediate_size=512),
+    "bert-mini": BertConfig(hidden_size=256, num_layers=4, num_heads=4, intermediate_size=1024),
+    "bert-small": BertConfig(hidden_size=512, num_layers=4, num_heads=8, intermediate_size=2048),
+    "bert-medium": BertConfig(hidden_size=512, num_layers=8, num_heads=8, intermediate_size=2048),
+    "bert-base": BertConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
+    "bert-large": BertConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
+}
+
+
+class Embeddings(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        assert c.vocab_size is not None
+        self.word = nn.Embedding(c.vocab_size, c.hidden_size)
+        self.position = nn.Embedding(c.max_position_embeddings, c.hidden_size)
+        self.token_type = nn.Embedding(c.type_vocab_size, c.hidden_size)
+        self.norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor) -> Tensor:
+        positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # (T,)
+        x = self.word(input_ids) + self.position(positions) + self.token_type(token_type_ids)  # (B, T, H)
+        return self.dropout(self.norm(x))
+
+
+class EncoderLayer(nn.Module):
+    def __init__(self, c: BertConfig) -> None:
+        super().__init__()
+        self.num_heads = c.num_heads
+        self.attention_dropout = c.attention_dropout
+        self.query = nn.Linear(c.hidden_size, c.hidden_size)
+        self.key = nn.Linear(c.hidden_size, c.hidden_size)
+        self.value = nn.Linear(c.hidden_size, c.hidden_size)
+        self.attention_out = nn.Linear(c.hidden_size, c.hidden_size)
+        self.attention_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.ffn_in = nn.Linear(c.hidden_size, c.intermediate_size)
+        self.ffn_out = nn.Linear(c.intermediate_size, c.hidden_size)
+        self.ffn_norm = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
+        self.dropout = nn.Dropout(c.hidden_dropout)
+
+    def _heads(self, x: Tensor) -> Tensor:
+        B, T, H = x.shape
+        return x.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, N, T, D)
+
+    def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        B, T, H = x.shape
+        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        dropout = self.attention_dropout if self.training else 0.0
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # (B, N, T, D)
+        a = a.transpose(1, 2).reshape(B, T, H)
+        x = self.attention_norm(x + self.dropout(self.attention_out(a)))
+        h = self.ffn_out(F.gelu(self.ffn_in(x)))  # (B, T, H)
+        return self.ffn_norm(x + self.dropout(h))
+
+
+class BertForPretraining(nn.Module):
+    def __init__(self, config: BertConfig) -> None:
+        super().__init__()
+        if config.vocab_size is None:
+            raise UserError("model.config.vocab_size is not set")
+        self.config = config
+        H = config.hidden_size
+        self.embeddings = Embeddings(config)
+        self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        self.pooler = nn.Linear(H, H)
+        self.mlm_dense = nn.Linear(H, H)
+        self.mlm_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
+        self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
+        self.nsp = nn.Linear(H, 2)
+        self.apply(self._init_weights)
+
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=std)
+        if isinstance(module, nn.Linear):
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, nn.LayerNorm):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+
+    def encode(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        """Final hidden states (B, T, H); padded positions (attention_mask 0) are ignored as keys."""
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise UserError(
+                f"sequence length {input_ids.shape[1]} exceeds max_position_embeddings "
+                f"{self.config.max_position_embeddings}"
+            )
+        key_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
+        x = self.embeddings(input_ids, token_type_ids)
+        for layer in self.layers:
+            x = layer(x, key_mask)
+        return x
+
+    def pool(self, hidden: Tensor) -> Tensor:
+        return torch.tanh(self.pooler(hidden[:, 0]))  # (B, H)
+
+    def mlm_logits(self, hidden: Tensor) -> Tensor:
+        """Vocabulary logits for hidden states of any leading shape (..., H) -> (..., V)."""
+        h = self.mlm_norm(F.gelu(self.mlm_dense(hidden)))
+        return F.linear(h, self.embeddings.word.weight, self.mlm_bias)  # decoder tied to word embeddings
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        token_type_ids: Tensor,
+        attention_mask: Tensor | None = None,
+        predict: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Returns (MLM logits, NSP logits (B, 2)).
+
+        ``predict`` (B, T) bool selects the positions the MLM head is evaluated at: the
+        logits are then (P, V) in row-major order of the selected positions. Without it
+        they are (B, T, V), every position.
+        """
+        hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        selected = hidden if predict is None else hidden[predict]  # (B, T, H) or (P, H)
+        return self.mlm_logits(selected), self.nsp(self.pool(hidden))
+
+    def num_parameters(self, embeddings: bool = True) -> int:
+        total = sum(p.numel() for p in self.parameters())
+        if not embeddings:
+            total -= sum(p.numel() for p in self.embeddings.parameters())
+        return total
+

@@ -1,0 +1,190 @@
+"""LightningModule for MLM + NSP pretraining.
+
+The model is built in ``configure_model``, once the data module has told it the
+tokenizer: the vocabulary size comes from the prepared data unless the config sets one
+(which may be larger, e.g. padded to a multiple of 64). Checkpoints carry a ``bertpre``
+entry with the resolved model config and the tokenizer, so they stand on their own.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, replace
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torchmetrics import MeanMetric
+
+import bertpre
+from bertpre.errors import UserError
+from bertpre.loss import pretraining_loss
+from bertpre.masking import IGNORE_INDEX
+from bertpre.model import BertConfig, BertForPretraining
+from bertpre.optim import build_optimizer
+
+CHECKPOINT_KEY = "bertpre"
+METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
+
+
+def read_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Load a bertpre checkpoint safely (tensors and plain data only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path}: not found")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
+        raise UserError(f"checkpoint {path}: not a bertpre checkpoint (no '{CHECKPOINT_KEY}' entry)")
+    return checkpoint
+
+
+class PretrainModule(L.LightningModule):
+    def __init__(
+        self,
+        config: BertConfig = BertConfig(),
+        learning_rate: float = 1e-4,
+        weight_decay: float = 0.01,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_eps: float = 1e-6,
+        warmup_fraction: float = 0.01,
+        init_from: str | None = None,
+    ) -> None:
+        """
+        Args:
+            config: model architecture (see bertpre.model.BertConfig)
+            learning_rate: peak learning rate after warmup
+            weight_decay: AdamW weight decay (not applied to biases and LayerNorm)
+            adam_betas: AdamW betas
+            adam_eps: AdamW epsilon
+            warmup_fraction: share of trainer.max_steps spent in linear warmup; then linear decay to 0
+            init_from: a bertpre checkpoint whose weights start this run (e.g. phase 2 from phase 1)
+        """
+        super().__init__()
+        if learning_rate <= 0:
+            raise UserError(f"model.learning_rate must be positive, got {learning_rate}")
+        if not 0.0 <= warmup_fraction < 1.0:
+            raise UserError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        self.config = config
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.adam_betas = tuple(adam_betas)
+        self.adam_eps = adam_eps
+        self.warmup_fraction = warmup_fraction
+        self.init_from = init_from
+        self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
+                                   "weight_decay": weight_decay, "adam_betas": list(adam_betas),
+                                   "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from})
+        self.model: BertForPretraining | None = None
+        self.tokenizer_json: str | None = None
+        self.tokenizer_fingerprint: str | None = None
+        self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
+        self.val_target_counts: torch.Tensor | None = None  # for the most-frequent-token baseline
+
+    # --- model construction -------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        prepared = self.trainer.datamodule.prepare()
+        config = self.config
+        if config.vocab_size is None:
+            config = replace(config, vocab_size=prepared.vocab_size)
+        elif config.vocab_size < prepared.vocab_size:
+            raise UserError(
+                f"vocabulary mismatch: model.config.vocab_size is {config.vocab_size} but the tokenizer of "
+                f"{prepared.path} has {prepared.vocab_size} tokens"
+            )
+        if prepared.max_seq_length > config.max_position_embeddings:
+            raise UserError(
+                f"{prepared.path} was prepared with max_seq_length {prepared.max_seq_length}, above "
+                f"model.config.max_position_embeddings {config.max_position_embeddings}"
+            )
+        self.config = config
+        self.tokenizer_json = prepared.tokenizer.to_str()
+        self.tokenizer_fingerprint = prepared.fingerprint
+        self.model = BertForPretraining(config)
+        if self.init_from:
+            self._load_initial_weights(self.init_from)
+
+    def _load_initial_weights(self, path: str) -> None:
+        checkpoint = read_checkpoint(path)
+        self._check_compatible(checkpoint[CHECKPOINT_KEY], f"model.init_from {path}")
+        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
+        self.model.load_state_dict(state)
+
+    def _check_compatible(self, saved: dict[str, Any], source: str) -> None:
+        if saved["tokenizer_fingerprint"] != self.tokenizer_fingerprint:
+            raise UserError(
+                f"vocabulary mismatch: {source} was trained with a different tokenizer than the one in "
+                f"data.path; prepare the data with `--tokenizer` pointing to the checkpoint's tokenizer"
+            )
+        if saved["model_config"] != asdict(self.config):
+            changed = sorted(k for k, v in saved["model_config"].items() if asdict(self.config).get(k) != v)
+            raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
+
+    # --- checkpoints --------------------------------------------------------------------
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[CHECKPOINT_KEY] = {
+            "bertpre_version": bertpre.__version__,
+            "model_config": asdict(self.config),
+            "tokenizer": self.tokenizer_json,
+            "tokenizer_fingerprint": self.tokenizer_fingerprint,
+        }
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if CHECKPOINT_KEY not in checkpoint:
+            raise UserError("ckpt_path: not a bertpre checkpoint")
+        self._check_compatible(checkpoint[CHECKPOINT_KEY], "ckpt_path")
+
+    # --- steps --------------------------------------------------------------------------
+    def _step(self, batch: dict[str, torch.Tensor]):
+        labels = batch["labels"]
+        predict = labels != IGNORE_INDEX  # (B, T)
+        mlm_logits, nsp_logits = self.model(
+            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], predict=predict
+        )
+        return pretraining_loss(mlm_logits, labels[predict], nsp_logits, batch["next_sentence_label"])
+
+    def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        out = self._step(batch)
+        size = batch["input_ids"].shape[0]
+        for name in METRICS:
+            self.log(f"train/{name}", getattr(out, name), batch_size=size, prog_bar=name in ("loss", "mlm_accuracy"))
+        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=size)
+        return out.loss
+
+    def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        out = self._step(batch)
+        size = batch["input_ids"].shape[0]
+        for name in METRICS:
+            weight = out.num_predicted if name.startswith("mlm") else size
+            self.val_metrics[name].update(getattr(out, name), weight)
+        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
+        counts = torch.bincount(targets, minlength=self.config.vocab_size)
+        self.val_target_counts = counts if self.val_target_counts is None else self.val_target_counts + counts
+
+    def on_validation_epoch_end(self) -> None:
+        values = {name: metric.compute() for name, metric in self.val_metrics.items()}
+        for name, value in values.items():
+            self.log(f"val/{name}", value, prog_bar=name == "mlm_accuracy")
+            self.val_metrics[name].reset()
+        self.log("val/mlm_perplexity", torch.exp(values["mlm_loss"]))
+        if self.val_target_counts is not None:
+            counts = self.trainer.strategy.reduce(self.val_target_counts.float(), reduce_op="sum")
+            # accuracy of always predicting the most frequent masked token: the bar MLM must clear
+            self.log("val/mlm_majority_accuracy", counts.max() / counts.sum())
+            self.val_target_counts = None
+
+    # --- optimisation -------------------------------------------------------------------
+    def configure_optimizers(self):
+        total = self.trainer.max_steps  # not estimated_stepping_batches: Lightning #20550
+        if total is None or total <= 0:
+            raise UserError("set trainer.max_steps: the learning rate decays linearly to zero at max_steps")
+        warmup = max(1, math.ceil(self.warmup_fraction * total))
+        optimizer, scheduler = build_optimizer(
+            self.model, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps, warmup, total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -1,0 +1,75 @@
+"""``bertpre train``: LightningCLI over PretrainModule and PretrainDataModule.
+
+Every option lives in the YAML config and can be overridden on the command line. The run
+folder is ``trainer.default_root_dir``: checkpoints go to ``<run>/checkpoints`` (so
+``--ckpt_path last`` finds them again), TensorBoard events and ``metrics.csv`` to
+``<run>/logs/version_N`` unless the config names its own loggers.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from pathlib import Path
+
+from jsonargparse import ArgumentError
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+from bertpre.data import PretrainDataModule
+from bertpre.errors import UserError
+from bertpre.module import PretrainModule
+
+
+class BertpreCLI(LightningCLI):
+    def instantiate_trainer(self, **kwargs):
+        trainer = super().instantiate_trainer(**kwargs)
+        root = Path(trainer.default_root_dir)
+        if self._get(self.config, "trainer.logger") in (None, True):
+            tensorboard = TensorBoardLogger(root, name="logs", default_hp_metric=False)
+            trainer.loggers = [tensorboard, CSVLogger(root, name="logs", version=tensorboard.version)]
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
+                callback.dirpath = str(root / "checkpoints")
+        return trainer
+
+    def after_fit(self) -> None:
+        trainer = self.trainer
+        if trainer.global_rank != 0:
+            return
+        lines = [f"trained {trainer.global_step} steps"]
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            last = Path(callback.dirpath) / "last.ckpt"
+            lines.append(f"  checkpoint  {last if last.exists() else callback.best_model_path or callback.dirpath}")
+        for logger in trainer.loggers:
+            if isinstance(logger, CSVLogger):
+                lines.append(f"  metrics     {Path(logger.log_dir) / 'metrics.csv'}")
+            elif isinstance(logger, TensorBoardLogger):
+                lines.append(f"  tensorboard tensorboard --logdir {logger.log_dir}")
+        metrics = trainer.callback_metrics
+        shown = [k for k in ("val/mlm_accuracy", "val/mlm_majority_accuracy", "val/nsp_accuracy", "val/mlm_perplexity") if k in metrics]
+        if shown:
+            lines.append("  " + "   ".join(f"{k} {float(metrics[k]):.4f}" for k in shown))
+        print("\n".join(lines))
+
+
+def train_cli(argv: list[str]) -> BertpreCLI:
+    if argv and argv[0] in ("fit", "validate", "test", "predict"):
+        raise UserError(f"`bertpre train` runs Lightning's fit; drop the {argv[0]!r}")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    # TensorBoard and CSV share logs/version_N; the CSV logger warns about the TensorBoard files there.
+    warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    try:
+        return BertpreCLI(
+            PretrainModule,
+            PretrainDataModule,
+            args=["fit", *argv],
+            save_config_kwargs={"overwrite": True},
+            parser_kwargs={"fit": {"exit_on_error": False}, "prog": "bertpre train"},
+            seed_everything_default=1234,
+            auto_configure_optimizers=False,
+        )
+    except ArgumentError as e:
+        raise UserError(" ".join(str(e).split())) from None

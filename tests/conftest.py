@@ -1,0 +1,44 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLE = ROOT / "data_prep" / "sample"
+SHARED_DATA = ROOT.parent / "shared" / "data"
+GUTENBERG = SHARED_DATA / "corpora" / "gutenberg"
+WIKITEXT = SHARED_DATA / "corpora" / "wikitext-2"
+
+
+def gutenberg_books() -> list[str]:
+    if not GUTENBERG.is_dir():
+        pytest.skip("../shared/data is not present")
+    return [str(p) for p in sorted(GUTENBERG.glob("*-*.txt"))]
+
+
+@pytest.fixture(scope="session")
+def gutenberg_prepared(tmp_path_factory) -> Path:
+    """The whole shared gutenberg corpus (15 books, 10.4 MB of raw prose) prepared at seq 128."""
+    from bertpre.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("gutenberg") / "prepared"
+    prepare(PrepareOptions(inputs=gutenberg_books(), output=out, vocab_size=8192))
+    return out
+
+
+@pytest.fixture(scope="session")
+def sample_prepared(tmp_path_factory) -> Path:
+    """The bundled sample, small vocabulary and seq 64: quick to train on."""
+    from bertpre.pairs import PairOptions
+    from bertpre.prepare import PrepareOptions, prepare
+
+    out = tmp_path_factory.mktemp("sample") / "prepared"
+    prepare(PrepareOptions(inputs=[str(SAMPLE)], output=out, vocab_size=2000, pairs=PairOptions(max_seq_length=64)))
+    return out

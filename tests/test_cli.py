@@ -1,0 +1,132 @@
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, SAMPLE
+
+from bertpre.cli import main
+
+TINY = str(ROOT / "configs" / "bert-tiny.yaml")
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "bertpre.cli", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=900)
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, str]]:
+    rows = []
+    for path in sorted(run_dir.glob("logs/version_*/metrics.csv")):
+        rows.extend(csv.DictReader(path.open()))
+    return rows
+
+
+def series(rows, key):
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key)]
+
+
+def test_prepare_then_train_then_resume_through_the_cli(tmp_path):
+    data = tmp_path / "prepared"
+    prepared = run_cli("prepare", "--input", str(SAMPLE), "--output", str(data), "--vocab-size", "2000",
+                       "--max-seq-length", "64", cwd=tmp_path)
+    assert prepared.returncode == 0, prepared.stderr
+    assert f"prepared {data}" in prepared.stdout and "NotNext" in prepared.stdout
+    run = tmp_path / "run"
+    common = ["--config", TINY, "--data.path", str(data), "--trainer.default_root_dir", str(run),
+              "--data.batch_size", "32", "--trainer.val_check_interval", "150", "--trainer.limit_val_batches", "20",
+              "--trainer.enable_progress_bar", "false", "--model.learning_rate", "2e-3"]
+    trained = run_cli("train", *common, "--trainer.max_steps", "300", cwd=tmp_path)
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    assert "trained 300 steps" in trained.stdout
+    assert (run / "checkpoints" / "last.ckpt").is_file()
+    rows = read_metrics(run)
+    start = series(rows, "train/mlm_accuracy")[0][1]
+    val_mlm = series(rows, "val/mlm_accuracy")
+    baseline = series(rows, "val/mlm_majority_accuracy")[-1][1]
+    assert val_mlm[-1][0] == 299
+    assert val_mlm[-1][1] > max(2 * start, baseline + 0.05), (start, baseline, val_mlm)
+    assert series(rows, "val/nsp_accuracy")[-1][1] > 0.6
+    for key in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/nsp_accuracy", "train/lr",
+                "val/loss", "val/mlm_perplexity"):
+        assert series(rows, key), key
+    assert list(run.glob("logs/version_0/events.out.tfevents.*")), "TensorBoard events"
+
+    resumed = run_cli("train", *common, "--trainer.max_steps", "340", "--ckpt_path", "last", cwd=tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "trained 340 steps" in resumed.stdout
+    new_steps = [step for step, _ in series(read_metrics(run), "train/loss") if step >= 300]
+    assert new_steps and min(new_steps) >= 300 and max(new_steps) < 340
+
+
+def cli_error(capsys, *args: str) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(list(args))
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1, err
+    return err
+
+
+def test_prepare_errors_are_one_line(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    assert "input not found: " + str(tmp_path / "missing.txt") in cli_error(
+        capsys, "prepare", "--input", str(tmp_path / "missing.txt"), "--output", out)
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n")
+    assert "the corpus is empty" in cli_error(capsys, "prepare", "--input", str(empty), "--output", out)
+    binary = tmp_path / "blob.bin"
+    binary.write_bytes(bytes(range(256)) * 10)
+    assert f"{binary}: binary file" in cli_error(capsys, "prepare", "--input", str(binary), "--output", out)
+    assert "--max-seq-length must be at least 8" in cli_error(
+        capsys, "prepare", "--input", str(SAMPLE), "--output", out, "--max-seq-length", "4")
+    bad_tokenizer = tmp_path / "tokenizer.json"
+    bad_tokenizer.write_text("{}")
+    assert "not a tokenizers JSON file" in cli_error(
+        capsys, "prepare", "--input", str(SAMPLE), "--output", out, "--tokenizer", str(bad_tokenizer))
+    no_mask = tmp_path / "vocab.txt"
+    no_mask.write_text("[PAD]\n[UNK]\n[CLS]\n[SEP]\nthe\n")
+    assert "has no [MASK] token" in cli_error(
+        capsys, "prepare", "--input", str(SAMPLE), "--output", out, "--tokenizer", str(no_mask))
+    assert not (tmp_path / "out").exists()
+
+
+def test_train_errors_are_one_line(sample_prepared, tmp_path, capsys):
+    base = ["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir",
+            str(tmp_path / "run"), "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+    err = cli_error(capsys, *base, "--model.config.hiden_size", "64")
+    assert "hiden_size" in err
+    typo_config = tmp_path / "typo.yaml"
+    typo_config.write_text((ROOT / "configs" / "bert-tiny.yaml").read_text().replace("batch_size:", "batch_sise:"))
+    assert "batch_sise" in cli_error(capsys, "train", "--config", str(typo_config))
+    assert "model.config.num_layers must be positive" in cli_error(capsys, *base, "--model.config.num_layers", "0")
+    err = cli_error(capsys, *base, "--model.config.vocab_size", "100")
+    assert "vocabulary mismatch" in err and "2000" in err
+    err = cli_error(capsys, *base, "--model.config.max_position_embeddings", "32")
+    assert "max_seq_length 64" in err and "max_position_embeddings 32" in err
+    assert "not found" in cli_error(capsys, *base, "--data.path", str(tmp_path / "nowhere"))
+    assert "set trainer.max_steps" in cli_error(capsys, *base, "--trainer.max_steps", "-1")
+
+
+def test_checkpoint_from_another_tokenizer_is_refused(sample_prepared, tmp_path, capsys):
+    other = tmp_path / "other"
+    prepared = main(["prepare", "--input", str(SAMPLE / "carroll-alice.txt"), "--output", str(other),
+                     "--vocab-size", "1500", "--max-seq-length", "64"])
+    assert prepared is None
+    run = tmp_path / "run"
+    main(["train", "--config", TINY, "--data.path", str(other), "--trainer.default_root_dir", str(run),
+          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
+    capsys.readouterr()
+    err = cli_error(capsys, "train", "--config", TINY, "--data.path", str(sample_prepared),
+                    "--trainer.default_root_dir", str(tmp_path / "run2"), "--trainer.max_steps", "2",
+                    "--model.init_from", str(run / "checkpoints" / "last.ckpt"))
+    assert "vocabulary mismatch" in err
+
+
+def test_help_and_unknown_command(capsys):
+    main([])
+    assert "prepare" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        main(["pretrain"])
+    assert "unknown command 'pretrain'" in capsys.readouterr().err

@@ -1,0 +1,127 @@
+from dataclasses import replace
+
+import datasets
+import pytest
+import torch
+
+from bertpre.errors import UserError
+from bertpre.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from bertpre.loss import pretraining_loss
+from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
+from bertpre.model import PRESETS, BertConfig, BertForPretraining
+from bertpre.tokenizer import load_tokenizer
+
+transformers = pytest.importorskip("transformers")
+CONFIG = BertConfig.from_preset("bert-tiny", vocab_size=300)
+
+
+def random_batch(batch=3, length=20, vocab=300, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, vocab, (batch, length), generator=g)
+    token_type_ids = torch.zeros_like(input_ids)
+    token_type_ids[:, length // 2 :] = 1
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, length - 6 :] = 0
+    attention_mask[2, length // 3 :] = 0
+    return input_ids, token_type_ids, attention_mask
+
+
+def test_shapes_full_and_sparse_mlm_head():
+    torch.manual_seed(0)
+    model = BertForPretraining(CONFIG).eval()
+    input_ids, token_type_ids, attention_mask = random_batch()
+    mlm, nsp = model(input_ids, token_type_ids, attention_mask)
+    assert mlm.shape == (3, 20, 300) and nsp.shape == (3, 2)
+    predict = torch.zeros(3, 20, dtype=torch.bool)
+    predict[0, 3] = predict[1, 7] = predict[2, 1] = predict[2, 4] = True
+    sparse, _ = model(input_ids, token_type_ids, attention_mask, predict=predict)
+    assert sparse.shape == (4, 300)
+    torch.testing.assert_close(sparse, mlm[predict])
+
+
+def test_padding_does_not_change_outputs():
+    torch.manual_seed(0)
+    model = BertForPretraining(CONFIG).eval()
+    input_ids, token_type_ids, attention_mask = random_batch()
+    mlm, nsp = model(input_ids, token_type_ids, attention_mask)
+    pad = torch.zeros(3, 12, dtype=torch.long)
+    mlm_padded, nsp_padded = model(torch.cat([input_ids, pad], 1), torch.cat([token_type_ids, pad], 1),
+                                   torch.cat([attention_mask, pad], 1))
+    valid = attention_mask.bool()
+    torch.testing.assert_close(mlm_padded[:, :20][valid], mlm[valid], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(nsp_padded, nsp, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_is_tied_to_word_embeddings():
+    model = BertForPretraining(CONFIG)
+    hidden = torch.randn(2, CONFIG.hidden_size)
+    before = model.mlm_logits(hidden)
+    with torch.no_grad():
+        model.embeddings.word.weight[7] += 1.0
+    after = model.mlm_logits(hidden)
+    assert not torch.allclose(before[:, 7], after[:, 7])
+    torch.testing.assert_close(before[:, 8], after[:, 8])
+    names = [n for n, _ in model.named_parameters()]
+    assert not any("decoder" in n for n in names), "no separate decoder matrix"
+
+
+def test_parameter_count_matches_bert_base():
+    model = BertForPretraining(BertConfig.from_preset("bert-base", vocab_size=30522))
+    assert abs(model.num_parameters() - 110.1e6) < 0.5e6
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(UserError, match="hidden_size .* divisible by num_heads"):
+        BertConfig(hidden_size=100, num_heads=3)
+    with pytest.raises(UserError, match="num_layers must be positive"):
+        BertConfig(num_layers=0)
+    with pytest.raises(UserError, match="unknown model preset"):
+        BertConfig.from_preset("bert-gigantic")
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_same_logits_as_transformers(train_mode):
+    # In train mode the two implementations draw different dropout masks: compare with dropout off.
+    config = replace(CONFIG, hidden_dropout=0.0, attention_dropout=0.0) if train_mode else CONFIG
+    torch.manual_seed(0)
+    ours = BertForPretraining(config).train(train_mode)
+    theirs = transformers.BertForPreTraining(transformers.BertConfig(**hf_config(config, pad_token_id=0)))
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
+    theirs.train(train_mode)
+    input_ids, token_type_ids, attention_mask = random_batch()
+    mlm, nsp = ours(input_ids, token_type_ids, attention_mask)
+    out = theirs(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+    valid = attention_mask.bool()
+    assert (mlm[valid] - out.prediction_logits[valid]).abs().max() <= 1e-5
+    assert (nsp - out.seq_relationship_logits).abs().max() <= 1e-5
+
+
+def test_hf_names_round_trip():
+    state = BertForPretraining(CONFIG).state_dict()
+    back = from_hf_state_dict(to_hf_state_dict(state))
+    assert back.keys() == state.keys()
+    assert all(back[k] is state[k] for k in state)
+
+
+def test_collated_batch_runs_through_transformers_with_the_same_loss(sample_prepared):
+    tokenizer = load_tokenizer(sample_prepared)
+    train = datasets.load_from_disk(str(sample_prepared / "dataset"))["train"].with_format("numpy")
+    masker = Masker.from_tokenizer(tokenizer, default_max_predictions(64))
+    torch.manual_seed(0)
+    batch = MaskingCollator(masker, pad_to_multiple_of=8)([train[i] for i in range(16)])
+    config = BertConfig.from_preset("bert-tiny", vocab_size=tokenizer.get_vocab_size())
+    ours = BertForPretraining(config).eval()
+    theirs = transformers.BertForPreTraining(transformers.BertConfig(**hf_config(config, pad_token_id=0))).eval()
+    theirs.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
+    out = theirs(**batch)  # the batch is given as it is
+    predict = batch["labels"] != IGNORE_INDEX
+    mlm, nsp = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], predict=predict)
+    loss = pretraining_loss(mlm, batch["labels"][predict], nsp, batch["next_sentence_label"])
+    assert torch.isfinite(out.loss)
+    assert abs(out.loss.item() - loss.loss.item()) <= 1e-5
+
+
+def test_every_preset_builds_with_the_stated_shape():
+    expected = {"bert-tiny": (2, 128), "bert-mini": (4, 256), "bert-small": (4, 512), "bert-medium": (8, 512),
+                "bert-base": (12, 768), "bert-large": (24, 1024)}
+    assert {name: (c.num_layers, c.hidden_size) for name, c in PRESETS.items()} == expected

@@ -1,0 +1,139 @@
+import hashlib
+import json
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pytest
+from conftest import SAMPLE
+
+from bertpre.errors import UserError
+from bertpre.pairs import PairOptions
+from bertpre.prepare import PrepareOptions, is_validation_document, prepare
+from bertpre.tokenizer import load_tokenizer
+
+
+def arrays(split) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
+    table = split.with_format("numpy")
+    return list(table["input_ids"]), list(table["token_type_ids"]), np.asarray(table["next_sentence_label"])
+
+
+def test_gutenberg_pairs_statistics(gutenberg_prepared):
+    record = json.loads((gutenberg_prepared / "prepare.json").read_text())
+    train = datasets.load_from_disk(str(gutenberg_prepared / "dataset"))["train"]
+    input_ids, token_types, labels = arrays(train)
+    assert len(input_ids) > 15000
+    assert abs(labels.mean() - 0.5) <= 0.02, "NotNext share"
+    assert max(len(ids) for ids in input_ids) <= 128
+    assert abs(record["statistics"]["short_target_fraction"] - 0.10) <= 0.02
+    tokenizer = load_tokenizer(gutenberg_prepared)
+    cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
+    for ids, types in zip(input_ids, token_types):
+        first_sep = int(np.flatnonzero(ids == sep)[0])
+        assert ids[0] == cls and ids[-1] == sep and np.count_nonzero(ids == sep) == 2
+        # segments are contiguous: 0 through the first [SEP], 1 after it
+        assert not types[: first_sep + 1].any() and types[first_sep + 1 :].all()
+    assert abs(record["statistics"]["not_next_fraction"] - 0.5) <= 0.02
+
+
+def test_prepare_record(gutenberg_prepared):
+    record = json.loads((gutenberg_prepared / "prepare.json").read_text())
+    counts, stats = record["counts"], record["statistics"]
+    assert record["schema_version"] == 1 and record["bertpre_version"]
+    assert record["options"]["pairs"]["max_seq_length"] == 128 and record["options"]["seed"] == 12345
+    assert counts["files"] == 15 and counts["documents"] == 15
+    assert counts["instances"] == sum(s["instances"] for s in counts["splits"].values())
+    assert counts["splits"]["validation"]["documents"] == 1  # ceil(15 * 0.05)
+    assert sum(stats["length_histogram"]["counts"]) == counts["instances"]
+    assert record["tokenizer"]["vocab_size"] == 8192
+    assert 0 <= stats["unk_rate"] < 0.01
+    assert (gutenberg_prepared / "tokenizer.json").is_file() and (gutenberg_prepared / "vocab.txt").is_file()
+    vocab = (gutenberg_prepared / "vocab.txt").read_text().splitlines()
+    assert vocab[:5] == ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def test_validation_documents_are_spread_and_counted():
+    chosen = [i for i in range(100) if is_validation_document(i, 0.05)]
+    assert chosen == [0, 20, 40, 60, 80]
+    assert sum(is_validation_document(i, 0.3) for i in range(10)) == 3
+    assert not any(is_validation_document(i, 0.0) for i in range(10))
+
+
+def test_splits_share_no_document(tmp_path):
+    # One-sentence-per-line documents made of unique numbers: every pair traces back to its documents.
+    corpus = tmp_path / "numbers.txt"
+    corpus.write_text("\n\n".join("\n".join(f"d{d}s{s} w{d}x{s} y." for s in range(6)) for d in range(40)) + "\n")
+    out = tmp_path / "out"
+    prepare(PrepareOptions(inputs=[str(corpus)], output=out, vocab_size=500, validation_fraction=0.25,
+                           pairs=PairOptions(max_seq_length=32)))
+    tokenizer = load_tokenizer(out)
+    splits = datasets.load_from_disk(str(out / "dataset"))
+    seen = {}
+    for name in ("train", "validation"):
+        text = " ".join(tokenizer.decode(list(ids)) for ids in splits[name]["input_ids"])
+        seen[name] = {int(token[1:].split("s")[0]) for token in text.split() if token.startswith("d") and "s" in token}
+    assert seen["validation"] == {0, 4, 8, 12, 16, 20, 24, 28, 32, 36}
+    assert not seen["train"] & seen["validation"]
+
+
+def dataset_digest(out: Path) -> str:
+    h = hashlib.sha256()
+    for path in sorted((out / "dataset").rglob("*.arrow")):
+        h.update(path.read_bytes())
+    return h.hexdigest()
+
+
+def test_same_inputs_and_seed_give_the_same_dataset(tmp_path):
+    options = dict(inputs=[str(SAMPLE / "carroll-alice.txt"), str(SAMPLE / "shakespeare-caesar.txt")],
+                   vocab_size=1000, pairs=PairOptions(max_seq_length=64))
+    prepare(PrepareOptions(output=tmp_path / "a", **options))
+    prepare(PrepareOptions(output=tmp_path / "b", **options))
+    prepare(PrepareOptions(output=tmp_path / "c", seed=7, **options))
+    assert (tmp_path / "a" / "vocab.txt").read_text() == (tmp_path / "b" / "vocab.txt").read_text()
+    assert dataset_digest(tmp_path / "a") == dataset_digest(tmp_path / "b")
+    assert dataset_digest(tmp_path / "a") != dataset_digest(tmp_path / "c")
+
+
+def test_reusing_a_tokenizer_from_an_earlier_output(sample_prepared, tmp_path):
+    out = tmp_path / "again"
+    record = prepare(PrepareOptions(inputs=[str(SAMPLE / "carroll-alice.txt")], output=out,
+                                    tokenizer=str(sample_prepared), pairs=PairOptions(max_seq_length=64)))
+    assert record["tokenizer"]["trained"] is False
+    assert (out / "vocab.txt").read_text() == (sample_prepared / "vocab.txt").read_text()
+
+
+def test_static_masking_stores_dupe_factor_differently_masked_copies(sample_prepared, tmp_path):
+    out = tmp_path / "static"
+    prepare(PrepareOptions(inputs=[str(SAMPLE / "carroll-alice.txt")], output=out, tokenizer=str(sample_prepared),
+                           pairs=PairOptions(max_seq_length=64), static_masking=True, dupe_factor=3))
+    single = tmp_path / "single"
+    prepare(PrepareOptions(inputs=[str(SAMPLE / "carroll-alice.txt")], output=single, tokenizer=str(sample_prepared),
+                           pairs=PairOptions(max_seq_length=64), static_masking=True))
+    train = datasets.load_from_disk(str(out / "dataset"))["train"]
+    one = datasets.load_from_disk(str(single / "dataset"))["train"]
+    assert abs(len(train) / len(one) - 3) < 0.1
+    mask_id = load_tokenizer(sample_prepared).token_to_id("[MASK]")
+    masked = 0
+    for row in train.select(range(200)):
+        ids, positions, originals = (np.array(row[k]) for k in ("input_ids", "masked_lm_positions", "masked_lm_ids"))
+        assert len(positions) >= 1 and len(positions) == len(originals)
+        assert (ids[np.setdiff1d(np.arange(len(ids)), positions)] != mask_id).all()
+        masked += np.count_nonzero(ids[positions] == mask_id)
+    assert masked > 0
+
+
+def test_output_is_not_overwritten_without_asking(sample_prepared):
+    before = (sample_prepared / "prepare.json").read_text()
+    with pytest.raises(UserError, match="exists and is not empty .*--overwrite"):
+        prepare(PrepareOptions(inputs=[str(SAMPLE)], output=sample_prepared))
+    assert (sample_prepared / "prepare.json").read_text() == before
+
+
+def test_empty_corpus_is_refused_and_leaves_nothing(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n   \n")
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match="corpus is empty"):
+        prepare(PrepareOptions(inputs=[str(empty)], output=out))
+    assert not out.exists()
+    assert not list(tmp_path.glob(".out*")), "no staging folder left behind"
