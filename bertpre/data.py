@@ -126,7 +126,7 @@ class PretrainDataModule(L.LightningDataModule):
         return self._loader("train", MaskingCollator(self.masker, self.pad_to_multiple_of), shuffle=True)
 
     def val_dataloader(self) -> DataLoader | list:
-        if len(self.splits["validation"]) == 0:
+        if "validation" not in self.splits:  # prepare leaves out an empty split
             return []
         return self._loader("validation", ContentSeededCollator(self.masker, self.pad_to_multiple_of), shuffle=False)
 

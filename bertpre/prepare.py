@@ -12,6 +12,7 @@ staging folder that is renamed to the output only once complete.
 from __future__ import annotations
 
 import json
+import math
 import random
 import shutil
 import time
@@ -84,9 +85,14 @@ class SplitStats:
 
 
 def is_validation_document(index: int, fraction: float) -> bool:
-    """Document ``index`` goes to validation when it is the first of each run of 1/fraction
-    documents: exactly ceil(n * fraction) of n documents, spread evenly, decided while streaming."""
-    return fraction > 0 and int(np.ceil((index + 1) * fraction)) > int(np.ceil(index * fraction))
+    """Whether document ``index`` (0-based, in input order) is held out for validation.
+
+    From the second document on, the first of each run of 1/fraction documents is: of n
+    documents, ceil((n - 1) * fraction) are held out, spread evenly and decided while
+    streaming, and a one-document corpus keeps its document for training.
+    """
+    i = index - 1
+    return i >= 0 and fraction > 0 and math.ceil((i + 1) * fraction) > math.ceil(i * fraction)
 
 
 class _SplitWriter:
@@ -294,10 +300,13 @@ def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> 
     features = datasets.Features(
         {f.name: _feature(f.type) for f in writers["train"].schema}
     )
+    # An empty split is left out: datasets saves it as zero shards that it cannot load again.
     splits = {
         name: datasets.Dataset.from_file(str(arrow_dir / f"{name}.arrow"), info=datasets.DatasetInfo(features=features))
         for name in SPLITS
+        if writers[name].stats.instances
     }
+    datasets.disable_progress_bars()
     datasets.DatasetDict(splits).save_to_disk(str(staging / "dataset"))
     del splits
     shutil.rmtree(arrow_dir)
@@ -372,7 +381,12 @@ def summary(record: dict, output: Path) -> str:
     if c["documents_used"] < 2:
         warnings.append("only one document: NotNext partners come from that same document")
     if c["splits"]["validation"]["instances"] == 0:
-        warnings.append("the validation split is empty")
+        warnings.append("the validation split is empty (one document, or --validation-fraction 0): training "
+                        "will run without validation; --doc-separator can split a file into documents")
+    elif c["splits"]["validation"]["documents"] == 1:
+        warnings.append("the validation split has one document, so its NotNext partners come from that same "
+                        "document: val/nsp_accuracy then measures a harder task than training does "
+                        "(more documents, e.g. with --doc-separator, avoid this)")
     if s["invalid_utf8_bytes"]:
         warnings.append(f"{s['invalid_utf8_bytes']} bytes were not valid UTF-8 and were replaced "
                         f"(per file in prepare.json)")

@@ -61,13 +61,16 @@ def train_cli(argv: list[str]) -> BertpreCLI:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # TensorBoard and CSV share logs/version_N; the CSV logger warns about the TensorBoard files there.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
+    # `bertpre train ARGS` hands ARGS to LightningCLI, which warns because sys.argv holds them too.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning vs torch 2.13
     try:
         return BertpreCLI(
             PretrainModule,
             PretrainDataModule,
             args=["fit", *argv],
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"fit": {"exit_on_error": False}, "prog": "bertpre train"},
+            parser_kwargs={"exit_on_error": False, "prog": "bertpre train", "fit": {"exit_on_error": False}},
             seed_everything_default=1234,
             auto_configure_optimizers=False,
         )

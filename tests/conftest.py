@@ -3,6 +3,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import lightning.pytorch  # noqa: F401  (bind Lightning's log handler to the session's stderr, not one test's)
 import pytest
 
 os.environ["HF_HUB_OFFLINE"] = "1"

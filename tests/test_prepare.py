@@ -43,7 +43,7 @@ def test_prepare_record(gutenberg_prepared):
     assert record["options"]["pairs"]["max_seq_length"] == 128 and record["options"]["seed"] == 12345
     assert counts["files"] == 15 and counts["documents"] == 15
     assert counts["instances"] == sum(s["instances"] for s in counts["splits"].values())
-    assert counts["splits"]["validation"]["documents"] == 1  # ceil(15 * 0.05)
+    assert counts["splits"]["validation"]["documents"] == 1  # ceil((15 - 1) * 0.05)
     assert sum(stats["length_histogram"]["counts"]) == counts["instances"]
     assert record["tokenizer"]["vocab_size"] == 8192
     assert 0 <= stats["unk_rate"] < 0.01
@@ -53,10 +53,11 @@ def test_prepare_record(gutenberg_prepared):
 
 
 def test_validation_documents_are_spread_and_counted():
-    chosen = [i for i in range(100) if is_validation_document(i, 0.05)]
-    assert chosen == [0, 20, 40, 60, 80]
-    assert sum(is_validation_document(i, 0.3) for i in range(10)) == 3
+    chosen = [i for i in range(101) if is_validation_document(i, 0.05)]
+    assert chosen == [1, 21, 41, 61, 81]
+    assert sum(is_validation_document(i, 0.3) for i in range(11)) == 3
     assert not any(is_validation_document(i, 0.0) for i in range(10))
+    assert not is_validation_document(0, 0.5), "a one-document corpus keeps its document for training"
 
 
 def test_splits_share_no_document(tmp_path):
@@ -72,7 +73,7 @@ def test_splits_share_no_document(tmp_path):
     for name in ("train", "validation"):
         text = " ".join(tokenizer.decode(list(ids)) for ids in splits[name]["input_ids"])
         seen[name] = {int(token[1:].split("s")[0]) for token in text.split() if token.startswith("d") and "s" in token}
-    assert seen["validation"] == {0, 4, 8, 12, 16, 20, 24, 28, 32, 36}
+    assert seen["validation"] == {1, 5, 9, 13, 17, 21, 25, 29, 33, 37}
     assert not seen["train"] & seen["validation"]
 
 

@@ -1,0 +1,32 @@
+from dataclasses import replace
+
+import pytest
+from conftest import ROOT
+
+from bertpre.data import PretrainDataModule
+from bertpre.model import PRESETS
+from bertpre.module import PretrainModule
+from bertpre.train import BertpreCLI
+
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_the_expected_configs_ship():
+    names = {p.stem for p in CONFIGS}
+    assert set(PRESETS) | {"bert-base-phase2"} == names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_every_shipped_config_parses_and_matches_its_preset(path, tmp_path):
+    cli = BertpreCLI(PretrainModule, PretrainDataModule, run=False,
+                     args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
+    model = cli.model
+    assert isinstance(model, PretrainModule) and isinstance(cli.datamodule, PretrainDataModule)
+    preset = PRESETS[path.stem.removesuffix("-phase2")]
+    assert replace(model.config, vocab_size=None) == preset
+    assert cli.trainer.max_steps > 0
+    assert 0 < model.learning_rate <= 1e-3
+    assert cli.trainer.gradient_clip_val == 1.0
+    assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
+    if path.stem.endswith("phase2"):
+        assert model.init_from and cli.datamodule.path.endswith("-512")
