@@ -11,10 +11,11 @@ from pathlib import Path
 import bertpre
 from bertpre.errors import UserError
 
-USAGE = """usage: bertpre {prepare,train} ...
+USAGE = """usage: bertpre {prepare,train,bench} ...
 
   prepare   raw text -> tokenizer + sentence-pair dataset   (bertpre prepare --help)
   train     pretrain with MLM + NSP from a YAML config       (bertpre train --help)
+  bench     time bertpre's training step against transformers' (bertpre bench --help)
 """
 
 
@@ -82,6 +83,40 @@ def run_prepare(argv: Sequence[str]) -> None:
     print(summary(record, args.output))
 
 
+def run_bench(argv: Sequence[str]) -> None:
+    import json
+
+    from bertpre.bench import BenchOptions, format_result, run_bench
+    from bertpre.model import PRESETS
+
+    p = argparse.ArgumentParser(
+        prog="bertpre bench",
+        description="Time bertpre's training step and transformers' BertForPreTraining (sdpa) on the same "
+                    "config, batch and optimizer, alternating, and print the speed-up, peak memory and MFU.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--presets", nargs="+", default=["bert-tiny", "bert-mini", "bert-small"], choices=list(PRESETS))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--steps", type=int, default=5, help="timed steps per framework")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per framework first")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--precision", default="32", choices=["32", "bf16"])
+    p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--output", default=None, help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    results = []
+    for preset in args.presets:
+        options = BenchOptions(preset, args.batch_size, args.seq_length, args.vocab_size, args.steps, args.warmup,
+                               args.device, args.precision, args.compile)
+        results.append(run_bench(options))
+        print(format_result(results[-1]), flush=True)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            json.dump(results, f, indent=2)
+
+
 def run_train(argv: Sequence[str]) -> None:
     from bertpre.train import train_cli
 
@@ -91,7 +126,7 @@ def run_train(argv: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    commands = {"prepare": run_prepare, "train": run_train}
+    commands = {"prepare": run_prepare, "train": run_train, "bench": run_bench}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

@@ -8,14 +8,16 @@ content, so validation metrics do not move with the masking lottery.
 from __future__ import annotations
 
 import json
+import os
 import zlib
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
+import torch
 from tokenizers import Tokenizer
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from bertpre.errors import UserError
 from bertpre.masking import Masker, MaskingCollator, default_max_predictions
@@ -131,13 +133,25 @@ class PretrainDataModule(L.LightningDataModule):
         return self._loader("validation", ContentSeededCollator(self.masker, self.pad_to_multiple_of), shuffle=False)
 
     def _loader(self, split: str, collator: MaskingCollator, shuffle: bool) -> DataLoader:
-        return DataLoader(
-            self.splits[split].with_format("numpy"),
-            batch_size=self.batch_size,
+        """A loader whose sampler is always a DistributedSampler (one replica on a single process):
+        with the same seed, N ranks of batch b see exactly the batches one process of batch N*b sees."""
+        dataset = self.splits[split].with_format("numpy")
+        trainer = self.trainer
+        sampler = DistributedSampler(
+            dataset,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
             shuffle=shuffle,
+            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
+            drop_last=shuffle,  # training: ranks disjoint (the < world_size tail is reshuffled next epoch)
+        )
+        return DataLoader(
+            dataset,
+            batch_size=self.batch_size,
+            sampler=sampler,
             drop_last=shuffle,
             collate_fn=collator,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
-            pin_memory=False,
+            pin_memory=torch.cuda.is_available(),
         )

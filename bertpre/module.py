@@ -22,7 +22,8 @@ from bertpre.errors import UserError
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import build_optimizer
+from bertpre.optim import OPTIMIZERS, build_optimizer
+from bertpre.throughput import ThroughputLogger
 
 CHECKPOINT_KEY = "bertpre"
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
@@ -52,6 +53,9 @@ class PretrainModule(L.LightningModule):
         adam_eps: float = 1e-6,
         warmup_fraction: float = 0.01,
         init_from: str | None = None,
+        optimizer: str = "adamw",
+        vocab_multiple_of: int = 1,
+        compile: bool = False,
     ) -> None:
         """
         Args:
@@ -62,6 +66,10 @@ class PretrainModule(L.LightningModule):
             adam_eps: AdamW epsilon
             warmup_fraction: share of trainer.max_steps spent in linear warmup; then linear decay to 0
             init_from: a bertpre checkpoint whose weights start this run (e.g. phase 2 from phase 1)
+            optimizer: "adamw" (fused on GPU) or "lamb" (for batches of many thousands)
+            vocab_multiple_of: when vocab_size is taken from the tokenizer, round it up to a multiple
+                of this (64 suits GPU tensor cores); the extra rows are never predicted
+            compile: torch.compile the model
         """
         super().__init__()
         if learning_rate <= 0:
@@ -74,10 +82,18 @@ class PretrainModule(L.LightningModule):
         self.adam_betas = tuple(adam_betas)
         self.adam_eps = adam_eps
         self.warmup_fraction = warmup_fraction
+        if optimizer not in OPTIMIZERS:
+            raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        if vocab_multiple_of < 1:
+            raise UserError(f"model.vocab_multiple_of must be at least 1, got {vocab_multiple_of}")
         self.init_from = init_from
+        self.optimizer_name = optimizer
+        self.vocab_multiple_of = vocab_multiple_of
+        self.compile_model = compile
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
-                                   "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from})
+                                   "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from,
+                                   "optimizer": optimizer, "vocab_multiple_of": vocab_multiple_of, "compile": compile})
         self.model: BertForPretraining | None = None
         self.tokenizer_json: str | None = None
         self.tokenizer_fingerprint: str | None = None
@@ -91,7 +107,8 @@ class PretrainModule(L.LightningModule):
         prepared = self.trainer.datamodule.prepare()
         config = self.config
         if config.vocab_size is None:
-            config = replace(config, vocab_size=prepared.vocab_size)
+            multiple = self.vocab_multiple_of
+            config = replace(config, vocab_size=-(-prepared.vocab_size // multiple) * multiple)
         elif config.vocab_size < prepared.vocab_size:
             raise UserError(
                 f"vocabulary mismatch: model.config.vocab_size is {config.vocab_size} but the tokenizer of "
@@ -108,6 +125,8 @@ class PretrainModule(L.LightningModule):
         self.model = BertForPretraining(config)
         if self.init_from:
             self._load_initial_weights(self.init_from)
+        if self.compile_model:
+            self.model.compile()  # in place: parameter names stay free of "_orig_mod."
 
     def _load_initial_weights(self, path: str) -> None:
         checkpoint = read_checkpoint(path)
@@ -124,6 +143,9 @@ class PretrainModule(L.LightningModule):
         if saved["model_config"] != asdict(self.config):
             changed = sorted(k for k, v in saved["model_config"].items() if asdict(self.config).get(k) != v)
             raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
+
+    def configure_callbacks(self):
+        return [ThroughputLogger()]
 
     # --- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -185,6 +207,6 @@ class PretrainModule(L.LightningModule):
             raise UserError("set trainer.max_steps: the learning rate decays linearly to zero at max_steps")
         warmup = max(1, math.ceil(self.warmup_fraction * total))
         optimizer, scheduler = build_optimizer(
-            self.model, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps, warmup, total
+            self.model, self.optimizer_name, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps, warmup, total
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
