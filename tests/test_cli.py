@@ -54,7 +54,7 @@ def test_prepare_then_train_then_resume_through_the_cli(tmp_path):
     late_nsp = [acc for step, acc in series(rows, "train/nsp_accuracy") if step >= 300]
     assert np.mean(late_nsp) > 0.6, late_nsp
     for key in ("train/loss", "train/mlm_loss", "train/nsp_loss", "train/nsp_accuracy", "train/lr",
-                "val/loss", "val/mlm_perplexity"):
+                "val/loss", "val/mlm_perplexity", "perf/tokens_per_sec", "perf/samples_per_sec", "perf/mfu"):
         assert series(rows, key), key
     assert list(run.glob("logs/version_0/events.out.tfevents.*")), "TensorBoard events"
 
@@ -142,3 +142,15 @@ def test_help_and_unknown_command(capsys):
     with pytest.raises(SystemExit):
         main(["pretrain"])
     assert "unknown command 'pretrain'" in capsys.readouterr().err
+
+
+def test_vocabulary_padded_to_a_multiple(sample_prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
+          "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+          "--model.vocab_multiple_of", "64"])
+    from bertpre.module import read_checkpoint
+
+    saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert saved["bertpre"]["model_config"]["vocab_size"] == 2048  # the tokenizer has 2000
+    assert saved["state_dict"]["model.embeddings.word.weight"].shape[0] == 2048

@@ -13,7 +13,7 @@ CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 
 def test_the_expected_configs_ship():
     names = {p.stem for p in CONFIGS}
-    assert set(PRESETS) | {"bert-base-phase2"} == names
+    assert set(PRESETS) | {"bert-base-phase2", "bert-large-multinode"} == names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -22,11 +22,19 @@ def test_every_shipped_config_parses_and_matches_its_preset(path, tmp_path):
                      args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
     model = cli.model
     assert isinstance(model, PretrainModule) and isinstance(cli.datamodule, PretrainDataModule)
-    preset = PRESETS[path.stem.removesuffix("-phase2")]
+    preset = PRESETS[path.stem.removesuffix("-phase2").removesuffix("-multinode")]
     assert replace(model.config, vocab_size=None) == preset
     assert cli.trainer.max_steps > 0
-    assert 0 < model.learning_rate <= 1e-3
+    assert 0 < model.learning_rate <= (6e-3 if model.optimizer_name == "lamb" else 1e-3)
     assert cli.trainer.gradient_clip_val == 1.0
     assert cli.trainer.checkpoint_callback.dirpath == str(tmp_path / "checkpoints")
     if path.stem.endswith("phase2"):
         assert model.init_from and cli.datamodule.path.endswith("-512")
+
+
+def test_multinode_config_uses_lamb_on_32_gpus(tmp_path):
+    cli = BertpreCLI(PretrainModule, PretrainDataModule, run=False,
+                     args=["--config", str(ROOT / "configs" / "bert-large-multinode.yaml"),
+                           "--trainer.default_root_dir", str(tmp_path), "--trainer.accelerator", "cpu"])
+    assert cli.model.optimizer_name == "lamb" and cli.trainer.num_nodes == 4
+    assert cli.datamodule.batch_size * 8 * 4 * cli.trainer.accumulate_grad_batches == 32768

@@ -1,0 +1,21 @@
+from bertpre.bench import BenchOptions, format_result, run_bench
+from bertpre.model import BertConfig
+from bertpre.throughput import model_flops_per_token
+
+
+def test_bench_times_both_frameworks_and_reports_ratio_memory_and_mfu():
+    result = run_bench(BenchOptions("bert-tiny", batch_size=4, seq_length=32, vocab_size=3000, steps=2, warmup=1))
+    ours, theirs = result["frameworks"]["bertpre"], result["frameworks"]["transformers"]
+    for r in (ours, theirs):
+        assert r["ms_per_step"] > 0 and r["tokens_per_s"] > 0 and 0 < r["mfu"] < 1 and r["peak_memory_mb"] > 50
+    assert result["speedup"] == round(ours["tokens_per_s"] / theirs["tokens_per_s"], 2)
+    text = format_result(result)
+    assert "speedup" in text and "cores" in text and "transformers" in text
+
+
+def test_model_flops_per_token_matches_the_formula():
+    c = BertConfig.from_preset("bert-base", vocab_size=30522)
+    flops = model_flops_per_token(c, 128)
+    encoder = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072)
+    assert flops == encoder + 12 * 12 * 128 * 768 + 6 * 0.15 * (768**2 + 768 * 30522)
+    assert abs(flops / 1e6 - 545.4) < 0.1  # 510 encoder + 14 attention + 22 MLM head MFLOP per token
