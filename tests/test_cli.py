@@ -154,3 +154,15 @@ def test_vocabulary_padded_to_a_multiple(sample_prepared, tmp_path, capsys):
     saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert saved["bertpre"]["model_config"]["vocab_size"] == 2048  # the tokenizer has 2000
     assert saved["state_dict"]["model.embeddings.word.weight"].shape[0] == 2048
+
+
+@pytest.mark.slow
+def test_compiled_training_keeps_plain_checkpoint_names(sample_prepared, tmp_path):
+    run = tmp_path / "run"
+    main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
+          "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+          "--model.compile", "true"])
+    from bertpre.module import read_checkpoint
+
+    names = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"].keys()
+    assert "model.embeddings.word.weight" in names and not any("_orig_mod" in n for n in names)
