@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from bertpre.errors import UserError
 
@@ -122,6 +123,7 @@ class BertForPretraining(nn.Module):
         self.mlm_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
         self.nsp = nn.Linear(H, 2)
+        self.activation_checkpointing = False  # recompute each layer in backward: less memory at seq 512
         self.apply(self._init_weights)
 
     def _init_weights(self, module: nn.Module) -> None:
@@ -144,7 +146,10 @@ class BertForPretraining(nn.Module):
         key_mask = None if attention_mask is None else attention_mask[:, None, None, :].bool()  # (B, 1, 1, T)
         x = self.embeddings(input_ids, token_type_ids)
         for layer in self.layers:
-            x = layer(x, key_mask)
+            if self.activation_checkpointing and self.training:
+                x = checkpoint(layer, x, key_mask, use_reentrant=False)
+            else:
+                x = layer(x, key_mask)
         return x
 
     def pool(self, hidden: Tensor) -> Tensor:

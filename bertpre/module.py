@@ -56,6 +56,7 @@ class PretrainModule(L.LightningModule):
         optimizer: str = "adamw",
         vocab_multiple_of: int = 1,
         compile: bool = False,
+        activation_checkpointing: bool = False,
     ) -> None:
         """
         Args:
@@ -70,6 +71,8 @@ class PretrainModule(L.LightningModule):
             vocab_multiple_of: when vocab_size is taken from the tokenizer, round it up to a multiple
                 of this (64 suits GPU tensor cores); the extra rows are never predicted
             compile: torch.compile the model
+            activation_checkpointing: recompute encoder layers in the backward pass (less memory, about
+                a third more compute), for long sequences
         """
         super().__init__()
         if learning_rate <= 0:
@@ -90,10 +93,12 @@ class PretrainModule(L.LightningModule):
         self.optimizer_name = optimizer
         self.vocab_multiple_of = vocab_multiple_of
         self.compile_model = compile
+        self.activation_checkpointing = activation_checkpointing
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
                                    "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from,
-                                   "optimizer": optimizer, "vocab_multiple_of": vocab_multiple_of, "compile": compile})
+                                   "optimizer": optimizer, "vocab_multiple_of": vocab_multiple_of, "compile": compile,
+                                   "activation_checkpointing": activation_checkpointing})
         self.model: BertForPretraining | None = None
         self.tokenizer_json: str | None = None
         self.tokenizer_fingerprint: str | None = None
@@ -123,6 +128,7 @@ class PretrainModule(L.LightningModule):
         self.tokenizer_json = prepared.tokenizer.to_str()
         self.tokenizer_fingerprint = prepared.fingerprint
         self.model = BertForPretraining(config)
+        self.model.activation_checkpointing = self.activation_checkpointing
         if self.init_from:
             self._load_initial_weights(self.init_from)
         if self.compile_model:

@@ -125,3 +125,19 @@ def test_every_preset_builds_with_the_stated_shape():
     expected = {"bert-tiny": (2, 128), "bert-mini": (4, 256), "bert-small": (4, 512), "bert-medium": (8, 512),
                 "bert-base": (12, 768), "bert-large": (24, 1024)}
     assert {name: (c.num_layers, c.hidden_size) for name, c in PRESETS.items()} == expected
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    model = BertForPretraining(CONFIG).train()  # dropout on: checkpointing must replay the same masks
+    input_ids, token_type_ids, attention_mask = random_batch()
+    grads = []
+    for checkpointing in (False, True):
+        model.activation_checkpointing = checkpointing
+        model.zero_grad()
+        torch.manual_seed(1)
+        mlm, nsp = model(input_ids, token_type_ids, attention_mask)
+        (mlm.float().logsumexp(-1).mean() + nsp.sum()).backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for plain, recomputed in zip(*grads):
+        torch.testing.assert_close(plain, recomputed)
