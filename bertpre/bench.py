@@ -75,8 +75,10 @@ def _build(framework: str, options: BenchOptions, device: torch.device) -> tuple
     config = BertConfig.from_preset(options.preset, vocab_size=options.vocab_size)
     ours = BertForPretraining(config)
     if framework == "transformers":
-        import transformers
-
+        try:
+            import transformers
+        except ImportError:
+            raise UserError("bertpre bench compares with transformers: pip install 'bertpre[bench]'") from None
         model = transformers.BertForPreTraining(
             transformers.BertConfig(**hf_config(config, pad_token_id=0), attn_implementation="sdpa")
         )
