@@ -1,3 +1,11 @@
 """bertpre: pretrain BERT-style encoders from scratch with masked-LM and next-sentence prediction."""
 
 __version__ = "0.1.0"
+
+
+def load_pretrained(path):
+    """The pretrained model and its tokenizer from a bertpre checkpoint or an exported directory
+    (see bertpre.export.load_pretrained)."""
+    from bertpre.export import load_pretrained as load
+
+    return load(path)

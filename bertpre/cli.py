@@ -16,6 +16,8 @@ USAGE = """usage: bertpre {prepare,train,bench} ...
   prepare   raw text -> tokenizer + sentence-pair dataset   (bertpre prepare --help)
   train     pretrain with MLM + NSP from a YAML config       (bertpre train --help)
   bench     time bertpre's training step against transformers' (bertpre bench --help)
+  export    checkpoint -> HuggingFace directory                (bertpre export CKPT --output DIR)
+  import    HuggingFace BERT directory -> bertpre checkpoint    (bertpre import DIR --output CKPT)
 """
 
 
@@ -117,6 +119,32 @@ def run_bench(argv: Sequence[str]) -> None:
             json.dump(results, f, indent=2)
 
 
+def run_export(argv: Sequence[str]) -> None:
+    from bertpre.export import export_checkpoint
+
+    p = argparse.ArgumentParser(prog="bertpre export",
+                                description="Write a directory that transformers loads as BertForPreTraining.")
+    p.add_argument("checkpoint", help="a bertpre .ckpt")
+    p.add_argument("--output", required=True, help="directory to write")
+    args = p.parse_args(argv)
+    print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.output)}")
+
+
+def run_import(argv: Sequence[str]) -> None:
+    from bertpre.export import import_hf
+
+    p = argparse.ArgumentParser(prog="bertpre import",
+                                description="Turn a HuggingFace BERT directory (BertForPreTraining, BertForMaskedLM "
+                                            "or BertModel) into a bertpre checkpoint for model.init_from.")
+    p.add_argument("directory")
+    p.add_argument("--output", required=True, help="checkpoint file to write")
+    args = p.parse_args(argv)
+    initialised = import_hf(args.directory, args.output)
+    print(f"imported {args.directory} -> {args.output}")
+    if initialised:
+        print(f"  not in the source, initialised afresh: {', '.join(initialised)}")
+
+
 def run_train(argv: Sequence[str]) -> None:
     from bertpre.train import train_cli
 
@@ -126,7 +154,8 @@ def run_train(argv: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    commands = {"prepare": run_prepare, "train": run_train, "bench": run_bench}
+    commands = {"prepare": run_prepare, "train": run_train, "bench": run_bench, "export": run_export,
+                "import": run_import}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

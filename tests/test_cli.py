@@ -166,3 +166,6 @@ def test_compiled_training_keeps_plain_checkpoint_names(sample_prepared, tmp_pat
 
     names = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"].keys()
     assert "model.embeddings.word.weight" in names and not any("_orig_mod" in n for n in names)
+    from bertpre.export import export_checkpoint
+
+    assert (export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "hf") / "model.safetensors").is_file()

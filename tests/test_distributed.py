@@ -8,9 +8,11 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import datasets
+import pytest
 from conftest import ROOT, SAMPLE
 
 from bertpre.data import PretrainDataModule
+from bertpre.export import export_checkpoint
 from bertpre.module import read_checkpoint
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
@@ -78,4 +80,7 @@ def test_ddp_on_two_cpu_processes_matches_one_process(sample_prepared, tmp_path)
     worst = max((single["state_dict"][k] - ddp["state_dict"][k]).abs().max().item() for k in names)
     assert worst < 1e-5, f"DDP weights differ from single-process weights by {worst}"
     print(f"largest weight difference, DDP vs one process: {worst:.2e}")
+    transformers = pytest.importorskip("transformers")
+    exported = export_checkpoint(tmp_path / "ddp" / "checkpoints" / "last.ckpt", tmp_path / "ddp-hf")
+    assert transformers.BertForPreTraining.from_pretrained(str(exported)).config.num_hidden_layers == 2
 

@@ -1,0 +1,142 @@
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SAMPLE
+
+from bertpre import load_pretrained
+from bertpre.cli import main
+from bertpre.errors import UserError
+from bertpre.export import export_checkpoint, import_hf
+from bertpre.model import BertForPretraining
+
+transformers = pytest.importorskip("transformers")
+TINY = str(ROOT / "configs" / "bert-tiny.yaml")
+
+
+@pytest.fixture(scope="module")
+def checkpoint(sample_prepared, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("export-run")
+    main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
+          "--trainer.max_steps", "20", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+          "--model.vocab_multiple_of", "64"])
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint, tmp_path_factory) -> Path:
+    return export_checkpoint(checkpoint, tmp_path_factory.mktemp("exported") / "hf")
+
+
+def padded_batch(vocab: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(5, vocab, (4, 24), generator=g)
+    types = torch.zeros_like(ids)
+    types[:, 12:] = 1
+    mask = torch.ones_like(ids)
+    mask[1, 18:] = 0
+    mask[3, 7:] = 0
+    ids[mask == 0] = 0
+    return ids, types, mask
+
+
+@pytest.mark.parametrize("train_mode", [False, True])
+def test_transformers_gives_the_same_logits(checkpoint, exported, train_mode):
+    ours, _ = load_pretrained(checkpoint)
+    overrides = {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0} if train_mode else {}
+    theirs = transformers.BertForPreTraining.from_pretrained(str(exported), **overrides)
+    if train_mode:  # dropout draws differ between implementations: compare with dropout off
+        ours = BertForPretraining(replace(ours.config, hidden_dropout=0.0, attention_dropout=0.0)).eval()
+        ours.load_state_dict(load_pretrained(checkpoint)[0].state_dict())
+    ours.train(train_mode)
+    theirs.train(train_mode)
+    ids, types, mask = padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        mlm, nsp = ours(ids, types, mask)
+        out = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask)
+    assert (mlm - out.prediction_logits).abs().max() <= 1e-5  # every position, padding included
+    assert (nsp - out.seq_relationship_logits).abs().max() <= 1e-5
+
+
+def test_exported_config_and_files(exported, checkpoint):
+    config = json.loads((exported / "config.json").read_text())
+    assert config["model_type"] == "bert" and config["hidden_act"] == "gelu" and config["layer_norm_eps"] == 1e-12
+    assert config["pad_token_id"] == 0 and config["vocab_size"] == 2048  # 2000 tokens padded to 64
+    assert config["max_position_embeddings"] == 512 and config["type_vocab_size"] == 2
+    tokenizer_config = json.loads((exported / "tokenizer_config.json").read_text())
+    assert tokenizer_config["do_lower_case"] is True and tokenizer_config["model_max_length"] == 512
+    for name in ("model.safetensors", "tokenizer.json", "vocab.txt", "special_tokens_map.json"):
+        assert (exported / name).is_file()
+
+
+def test_autotokenizer_gives_bertpre_ids_on_the_sample(exported, checkpoint):
+    _, ours = load_pretrained(checkpoint)
+    theirs = transformers.AutoTokenizer.from_pretrained(str(exported))
+    lines = [line.strip() for line in (SAMPLE / "carroll-alice.txt").read_text().splitlines() if line.strip()][:400]
+    for a, b in zip(lines[::2], lines[1::2]):
+        assert theirs(a, b)["input_ids"] == ours.encode(a, b).ids
+        assert theirs(a)["input_ids"] == ours.encode(a).ids
+
+
+def test_other_transformers_classes_and_fill_mask_load_it(exported):
+    encoder = transformers.BertModel.from_pretrained(str(exported))
+    classifier = transformers.BertForSequenceClassification.from_pretrained(str(exported), num_labels=2)
+    assert encoder.config.hidden_size == 128 and classifier.config.num_labels == 2
+    fill = transformers.pipeline("fill-mask", model=str(exported), tokenizer=str(exported))
+    predictions = fill("alice was beginning to get very [MASK] of sitting by her sister")
+    assert len(predictions) == 5 and all("token_str" in p for p in predictions)
+
+
+def test_export_import_export_is_bit_identical(exported, tmp_path):
+    imported = tmp_path / "imported.ckpt"
+    assert import_hf(exported, imported) == []
+    again = export_checkpoint(imported, tmp_path / "again")
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
+        assert (again / name).read_bytes() == (exported / name).read_bytes(), name
+
+
+def test_import_of_a_masked_lm_initialises_and_reports_the_missing_heads(exported, tmp_path):
+    masked_lm = transformers.BertForMaskedLM.from_pretrained(str(exported))
+    source = tmp_path / "mlm"
+    masked_lm.save_pretrained(str(source))
+    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        (source / name).write_bytes((exported / name).read_bytes())
+    initialised = import_hf(source, tmp_path / "from-mlm.ckpt")
+    assert initialised == ["nsp.bias", "nsp.weight", "pooler.bias", "pooler.weight"]
+    model, _ = load_pretrained(tmp_path / "from-mlm.ckpt")
+    reference, _ = load_pretrained(exported)
+    torch.testing.assert_close(model.embeddings.word.weight, reference.embeddings.word.weight)
+
+
+def test_load_pretrained_with_a_task_head(checkpoint):
+    # The README's example, as it is there.
+    model, tokenizer = load_pretrained(checkpoint)
+    head = torch.nn.Linear(model.config.hidden_size, 3)
+    enc = tokenizer.encode_batch(["a first sentence.", "and a second, longer sentence here."])
+    width = max(len(e.ids) for e in enc)
+    ids = torch.tensor([e.ids + [0] * (width - len(e.ids)) for e in enc])
+    mask = torch.tensor([e.attention_mask + [0] * (width - len(e.ids)) for e in enc])
+    hidden = model.encode(ids, torch.zeros_like(ids), mask)  # (B, T, H)
+    logits = head(model.pool(hidden))  # (B, 3)
+    assert logits.shape == (2, 3)
+
+
+def test_not_a_checkpoint_and_other_architectures_are_refused(tmp_path, exported):
+    junk = tmp_path / "junk.ckpt"
+    junk.write_bytes(b"this is not a checkpoint")
+    with pytest.raises(UserError, match="not a readable checkpoint"):
+        export_checkpoint(junk, tmp_path / "out")
+    other = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"model.encoder.weight": torch.zeros(2)}, "bertpre": {
+        "model_config": {"vocab_size": 10, "hidden_size": 8, "num_layers": 1, "num_heads": 2,
+                         "intermediate_size": 16}, "tokenizer": "{}"}}, other)
+    with pytest.raises(UserError, match="weights do not fit a bertpre BERT"):
+        load_pretrained(other)
+    roberta = tmp_path / "roberta"
+    roberta.mkdir()
+    (roberta / "config.json").write_text(json.dumps({"model_type": "roberta"}))
+    with pytest.raises(UserError, match="model_type is 'roberta'"):
+        import_hf(roberta, tmp_path / "r.ckpt")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "r.ckpt").exists()
