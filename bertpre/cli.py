@@ -18,6 +18,8 @@ USAGE = """usage: bertpre {prepare,train,bench} ...
   bench     time bertpre's training step against transformers' (bertpre bench --help)
   export    checkpoint -> HuggingFace directory                (bertpre export CKPT --output DIR)
   import    HuggingFace BERT directory -> bertpre checkpoint    (bertpre import DIR --output CKPT)
+  finetune  sequence classification from a YAML config        (bertpre finetune --help)
+  predict   label a file with a fine-tuned checkpoint          (bertpre predict --help)
 """
 
 
@@ -151,11 +153,31 @@ def run_train(argv: Sequence[str]) -> None:
     train_cli(list(argv))
 
 
+def run_finetune(argv: Sequence[str]) -> None:
+    from bertpre.train import train_cli
+
+    train_cli(list(argv), command="finetune")
+
+
+def run_predict(argv: Sequence[str]) -> None:
+    from bertpre.finetune import predict_file
+
+    p = argparse.ArgumentParser(prog="bertpre predict",
+                                description="Write a TSV with a 'prediction' column for every row of a file.")
+    p.add_argument("--checkpoint", required=True, help="a checkpoint written by `bertpre finetune`")
+    p.add_argument("--input", required=True, help=".tsv, .csv or .jsonl with the columns used in fine-tuning")
+    p.add_argument("--output", required=True, help="TSV file to write")
+    p.add_argument("--batch-size", type=int, default=64)
+    args = p.parse_args(argv)
+    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size)
+    print(f"wrote {rows} predictions to {args.output}")
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     commands = {"prepare": run_prepare, "train": run_train, "bench": run_bench, "export": run_export,
-                "import": run_import}
+                "import": run_import, "finetune": run_finetune, "predict": run_predict}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return

@@ -1,4 +1,5 @@
-"""``bertpre train``: LightningCLI over PretrainModule and PretrainDataModule.
+"""``bertpre train`` (PretrainModule + PretrainDataModule) and ``bertpre finetune``
+(ClassifierModule + TaskDataModule), both through LightningCLI.
 
 Every option lives in the YAML config and can be overridden on the command line. The run
 folder is ``trainer.default_root_dir``: checkpoints go to ``<run>/checkpoints`` (so
@@ -49,15 +50,22 @@ class BertpreCLI(LightningCLI):
             elif isinstance(logger, TensorBoardLogger):
                 lines.append(f"  tensorboard tensorboard --logdir {logger.log_dir}")
         metrics = trainer.callback_metrics
-        shown = [k for k in ("val/mlm_accuracy", "val/mlm_majority_accuracy", "val/nsp_accuracy", "val/mlm_perplexity") if k in metrics]
+        shown = sorted(k for k in metrics if k.startswith("val/") and k != "val/loss")
         if shown:
             lines.append("  " + "   ".join(f"{k} {float(metrics[k]):.4f}" for k in shown))
         print("\n".join(lines))
 
 
-def train_cli(argv: list[str]) -> BertpreCLI:
+def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
+    """Run ``bertpre train`` (pretraining) or ``bertpre finetune`` (classification) with ``argv``."""
     if argv and argv[0] in ("fit", "validate", "test", "predict"):
-        raise UserError(f"`bertpre train` runs Lightning's fit; drop the {argv[0]!r}")
+        raise UserError(f"`bertpre {command}` runs Lightning's fit; drop the {argv[0]!r}")
+    if command == "finetune":
+        from bertpre.finetune import ClassifierModule, TaskDataModule
+
+        classes = (ClassifierModule, TaskDataModule)
+    else:
+        classes = (PretrainModule, PretrainDataModule)
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     # TensorBoard and CSV share logs/version_N; the CSV logger warns about the TensorBoard files there.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
@@ -66,11 +74,10 @@ def train_cli(argv: list[str]) -> BertpreCLI:
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning vs torch 2.13
     try:
         return BertpreCLI(
-            PretrainModule,
-            PretrainDataModule,
+            *classes,
             args=["fit", *argv],
             save_config_kwargs={"overwrite": True},
-            parser_kwargs={"exit_on_error": False, "prog": "bertpre train", "fit": {"exit_on_error": False}},
+            parser_kwargs={"exit_on_error": False, "prog": f"bertpre {command}", "fit": {"exit_on_error": False}},
             seed_everything_default=1234,
             auto_configure_optimizers=False,
         )

@@ -1,0 +1,299 @@
+"""``bertpre finetune`` and ``bertpre predict``: sequence classification on a pretrained encoder.
+
+Data: TSV (GLUE's files as they are), CSV or JSONL with a text column, an optional
+text-pair column and a label column. The encoder comes from a bertpre checkpoint or an
+exported / HuggingFace BERT directory; ``random_init`` keeps its architecture and
+tokenizer but starts from BERT's random initialisation (the baseline that shows what
+pretraining is worth). Head: dropout + linear on the pooled [CLS] vector, as in BERT.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import sys
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer
+from torch.utils.data import DataLoader
+from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
+
+import bertpre
+from bertpre.errors import UserError
+from bertpre.export import load_pretrained
+from bertpre.model import BertConfig, BertForPretraining
+from bertpre.optim import build_optimizer
+
+TASK_KEY = "bertpre_task"
+
+
+def read_table(path: str | Path) -> list[dict[str, str]]:
+    """Rows of a .tsv, .csv or .jsonl file (first line of TSV/CSV is the header)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{path}: not found")
+    suffix = path.suffix.lower()
+    with path.open(encoding="utf-8", newline="") as f:
+        if suffix in (".jsonl", ".json"):
+            rows = []
+            for lineno, line in enumerate(f, 1):
+                if line.strip():
+                    try:
+                        rows.append({k: str(v) for k, v in json.loads(line).items()})
+                    except (json.JSONDecodeError, AttributeError):
+                        raise UserError(f"{path}:{lineno}: not a JSON object") from None
+            return rows
+        if suffix not in (".tsv", ".csv"):
+            raise UserError(f"{path}: expected a .tsv, .csv or .jsonl file")
+        csv.field_size_limit(sys.maxsize)
+        delimiter, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
+        return list(csv.DictReader(f, delimiter=delimiter, quoting=quoting))
+
+
+def pick_column(rows: list[dict[str, str]], names: str | list[str], path: str, option: str) -> str:
+    candidates = [names] if isinstance(names, str) else list(names)
+    available = list(rows[0]) if rows else []
+    for name in candidates:
+        if name in available:
+            return name
+    raise UserError(f"{path}: no column {' or '.join(map(repr, candidates))} (columns: {', '.join(available)}; "
+                    f"set {option})")
+
+
+class TaskDataModule(L.LightningDataModule):
+    def __init__(
+        self,
+        train_file: str,
+        validation_file: str,
+        text_column: str | list[str] = "sentence",
+        text_pair_column: str | list[str] | None = None,
+        label_column: str = "label",
+        max_seq_length: int = 128,
+        batch_size: int = 32,
+        num_workers: int = 0,
+    ) -> None:
+        """
+        Args:
+            train_file: .tsv / .csv / .jsonl with a header
+            validation_file: same format; its accuracy is reported each epoch
+            text_column: column with the text; a list accepts the first name present in each file
+            text_pair_column: second text column for sentence-pair tasks
+            label_column: column with the label (any strings; classes are those of the training file)
+            max_seq_length: longer inputs are truncated (longest side first)
+            batch_size: examples per batch
+            num_workers: DataLoader workers
+        """
+        super().__init__()
+        self.train_file, self.validation_file = train_file, validation_file
+        self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
+        self.max_seq_length, self.batch_size, self.num_workers = max_seq_length, batch_size, num_workers
+        self.labels: list[str] | None = None
+        self.encoded: dict[str, list[tuple[list[int], list[int], int]]] = {}
+
+    def columns(self) -> dict[str, Any]:
+        return {"text_column": self.text_column, "text_pair_column": self.text_pair_column,
+                "label_column": self.label_column, "max_seq_length": self.max_seq_length}
+
+    def setup(self, stage: str) -> None:
+        if self.encoded:
+            return
+        tokenizer: Tokenizer = self.trainer.lightning_module.tokenizer
+        train_rows = read_table(self.train_file)
+        if not train_rows:
+            raise UserError(f"{self.train_file}: no rows")
+        label_column = pick_column(train_rows, self.label_column, self.train_file, "data.label_column")
+        self.labels = sorted({row[label_column] for row in train_rows})
+        if len(self.labels) < 2:
+            raise UserError(f"{self.train_file}: column {label_column!r} has a single class {self.labels}")
+        for split, path, rows in (("train", self.train_file, train_rows),
+                                  ("validation", self.validation_file, read_table(self.validation_file))):
+            self.encoded[split] = encode_rows(rows, path, tokenizer, self.columns(), self.labels)
+
+    def steps_per_epoch(self) -> int:
+        return len(self.encoded["train"]) // self.batch_size
+
+    def _loader(self, split: str, shuffle: bool) -> DataLoader:
+        pad = self.trainer.lightning_module.pad_id
+        return DataLoader(self.encoded[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          collate_fn=lambda rows: collate(rows, pad), num_workers=self.num_workers)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("validation", shuffle=False)
+
+
+def encode_rows(rows, path, tokenizer: Tokenizer, columns: dict, labels: list[str] | None):
+    """(ids, token types, label index or -1) per row, truncated to max_seq_length."""
+    if not rows:
+        raise UserError(f"{path}: no rows")
+    text = pick_column(rows, columns["text_column"], path, "data.text_column")
+    pair = pick_column(rows, columns["text_pair_column"], path, "data.text_pair_column") \
+        if columns["text_pair_column"] else None
+    tokenizer = Tokenizer.from_str(tokenizer.to_str())
+    tokenizer.enable_truncation(columns["max_seq_length"], strategy="longest_first")
+    inputs = [(r[text], r[pair]) if pair else r[text] for r in rows]
+    encodings = tokenizer.encode_batch(inputs)
+    index = {label: i for i, label in enumerate(labels or [])}
+    out = []
+    for lineno, (row, enc) in enumerate(zip(rows, encodings), 2):
+        label = row.get(columns["label_column"])
+        if labels is not None and label is not None and label not in index:
+            raise UserError(f"{path}:{lineno}: label {label!r} is not one of the training labels {labels}")
+        out.append((enc.ids, enc.type_ids, index.get(label, -1)))
+    return out
+
+
+def collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(ids) for ids, _, _ in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    types = torch.zeros((len(rows), width), dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, (row_ids, row_types, _) in enumerate(rows):
+        ids[i, : len(row_ids)] = torch.tensor(row_ids)
+        types[i, : len(row_types)] = torch.tensor(row_types)
+        mask[i, : len(row_ids)] = 1
+    labels = torch.tensor([label for _, _, label in rows], dtype=torch.long)
+    return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
+
+
+class ClassifierModule(L.LightningModule):
+    def __init__(
+        self,
+        pretrained: str,
+        random_init: bool = False,
+        learning_rate: float = 3e-5,
+        weight_decay: float = 0.01,
+        warmup_fraction: float = 0.1,
+        classifier_dropout: float = 0.1,
+    ) -> None:
+        """
+        Args:
+            pretrained: a bertpre checkpoint (.ckpt) or an exported / HuggingFace BERT directory
+            random_init: same architecture and tokenizer, BERT's random initialisation instead of the weights
+            learning_rate: peak learning rate (BERT paper: 2e-5 to 5e-5)
+            weight_decay: AdamW weight decay (not on biases and LayerNorm)
+            warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
+            classifier_dropout: dropout before the classification layer
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        encoder, self.tokenizer = load_pretrained(pretrained)
+        if random_init:
+            torch.manual_seed(0)
+            encoder = BertForPretraining(encoder.config)
+        # the pretraining heads are not used here: drop them (DDP needs every parameter used)
+        encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
+        encoder.mlm_bias = None
+        self.encoder = encoder.train()
+        self.pad_id = self.tokenizer.token_to_id("[PAD]")
+        self.dropout = torch.nn.Dropout(classifier_dropout)
+        self.classifier: torch.nn.Linear | None = None
+        self.labels: list[str] | None = None
+
+    def setup(self, stage: str) -> None:
+        if self.classifier is None:
+            self.labels = self.trainer.datamodule.labels
+            self._make_head(len(self.labels))
+
+    def _make_head(self, num_labels: int) -> None:
+        self.classifier = torch.nn.Linear(self.encoder.config.hidden_size, num_labels)
+        torch.nn.init.normal_(self.classifier.weight, std=self.encoder.config.initializer_range)
+        torch.nn.init.zeros_(self.classifier.bias)
+        n = num_labels
+        self.metrics = torch.nn.ModuleDict({
+            "accuracy": MulticlassAccuracy(n, average="micro"),
+            "matthews": MulticlassMatthewsCorrCoef(n),
+            **({"f1": MulticlassF1Score(2, average=None)} if n == 2 else {}),
+        })
+
+    def forward(self, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
+        hidden = self.encoder.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        return self.classifier(self.dropout(self.encoder.pool(hidden)))  # (B, labels)
+
+    def training_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        loss = F.cross_entropy(logits, batch["labels"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        logits = self(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+        self.log("val/loss", F.cross_entropy(logits, batch["labels"]), batch_size=len(logits))
+        predictions = logits.argmax(-1)
+        for metric in self.metrics.values():
+            metric.update(predictions, batch["labels"])
+
+    def on_validation_epoch_end(self) -> None:
+        for name, metric in self.metrics.items():
+            value = metric.compute()
+            self.log(f"val/{name}", value[1] if name == "f1" else value, prog_bar=name == "accuracy")
+            metric.reset()
+
+    def configure_optimizers(self):
+        epochs = self.trainer.max_epochs
+        if epochs is None or epochs < 1:
+            raise UserError("set trainer.max_epochs for fine-tuning (the schedule spans all epochs)")
+        total = max(1, math.ceil(self.trainer.datamodule.steps_per_epoch() / self.trainer.accumulate_grad_batches)
+                    * epochs)
+        warmup = max(1, math.ceil(self.hparams.warmup_fraction * total))
+        optimizer, scheduler = build_optimizer(self, "adamw", self.hparams.learning_rate, self.hparams.weight_decay,
+                                               (0.9, 0.999), 1e-6, warmup, total)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TASK_KEY] = {
+            "bertpre_version": bertpre.__version__,
+            "model_config": asdict(self.encoder.config),
+            "tokenizer": self.tokenizer.to_str(),
+            "labels": self.labels,
+            "columns": self.trainer.datamodule.columns(),
+        }
+
+
+def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_path: str | Path,
+                 batch_size: int = 64) -> int:
+    """Write ``prediction`` (and the input's columns) for every row of ``input_path``; returns the row count."""
+    try:
+        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise UserError(f"checkpoint {checkpoint_path}: not found") from None
+    except Exception as e:
+        raise UserError(f"checkpoint {checkpoint_path}: not a readable checkpoint ({type(e).__name__})") from None
+    if not isinstance(checkpoint, dict) or TASK_KEY not in checkpoint:
+        raise UserError(f"checkpoint {checkpoint_path}: not a `bertpre finetune` checkpoint")
+    task = checkpoint[TASK_KEY]
+    encoder = BertForPretraining(BertConfig(**task["model_config"]))
+    encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
+    encoder.mlm_bias = None
+    tokenizer = Tokenizer.from_str(task["tokenizer"])
+    state = checkpoint["state_dict"]
+    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
+    classifier = torch.nn.Linear(encoder.config.hidden_size, len(task["labels"]))
+    classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in state.items()
+                                if k.startswith("classifier.")})
+    encoder.eval()
+    rows = read_table(input_path)
+    encoded = encode_rows(rows, str(input_path), tokenizer, task["columns"], labels=None)
+    predictions = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], tokenizer.token_to_id("[PAD]"))
+            hidden = encoder.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+            predictions += classifier(encoder.pool(hidden)).argmax(-1).tolist()
+    output_path = Path(output_path)
+    partial = output_path.with_name(output_path.name + ".partial")
+    with partial.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerow(["prediction", *rows[0].keys()])
+        for row, p in zip(rows, predictions):
+            writer.writerow([task["labels"][p], *row.values()])
+    partial.replace(output_path)
+    return len(rows)

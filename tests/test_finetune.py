@@ -1,0 +1,101 @@
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, SHARED_DATA
+
+from bertpre.cli import main
+from bertpre.errors import UserError
+from bertpre.finetune import ClassifierModule, encode_rows, read_table
+from bertpre.tokenizer import load_tokenizer
+
+TINY = str(ROOT / "configs" / "bert-tiny.yaml")
+SST2 = SHARED_DATA / "tasks" / "sst2"
+
+
+@pytest.fixture(scope="module")
+def pretrained(sample_prepared, tmp_path_factory) -> Path:
+    run = tmp_path_factory.mktemp("pretrained")
+    main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
+          "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
+    return run / "checkpoints" / "last.ckpt"
+
+
+@pytest.fixture(scope="module")
+def sst2_slice(tmp_path_factory) -> Path:
+    if not SST2.is_dir():
+        pytest.skip("../shared/data is not present")
+    out = tmp_path_factory.mktemp("sst2")
+    (out / "train.tsv").write_text("".join((SST2 / "train.tsv").read_text().splitlines(True)[:641]))
+    (out / "dev.tsv").write_text("".join((SST2 / "dev.tsv").read_text().splitlines(True)[:201]))
+    return out
+
+
+def test_finetune_then_predict_on_glue_files_as_they_are(pretrained, sst2_slice, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained", str(pretrained),
+          "--data.train_file", str(sst2_slice / "train.tsv"), "--data.validation_file", str(sst2_slice / "dev.tsv"),
+          "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "2", "--trainer.enable_progress_bar",
+          "false", "--trainer.log_every_n_steps", "5"])
+    out = capsys.readouterr().out
+    assert "trained 40 steps" in out and "val/accuracy" in out and "val/matthews" in out and "val/f1" in out
+    best = list((run / "checkpoints").glob("best-*.ckpt"))
+    assert len(best) == 1 and (run / "checkpoints" / "last.ckpt").is_file()
+    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
+    accuracies = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
+    assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
+
+    predictions = tmp_path / "pred.tsv"
+    main(["predict", "--checkpoint", str(best[0]), "--input", str(sst2_slice / "dev.tsv"), "--output", str(predictions)])
+    written = list(csv.DictReader(predictions.open(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert len(written) == 200 and {r["prediction"] for r in written} <= {"0", "1"}
+    assert written[0]["content"] == "one long string of cliches ."
+
+
+def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(pretrained):
+    trained = ClassifierModule(str(pretrained))
+    scratch = ClassifierModule(str(pretrained), random_init=True)
+    assert trained.encoder.config == scratch.encoder.config
+    assert trained.tokenizer.to_str() == scratch.tokenizer.to_str()
+    assert not torch.equal(trained.encoder.layers[0].query.weight, scratch.encoder.layers[0].query.weight)
+    assert all(p.requires_grad for p in trained.parameters())
+    assert trained.encoder.nsp is None and trained.encoder.mlm_bias is None, "pretraining heads dropped"
+
+
+def test_tables_and_sentence_pairs(tmp_path, sample_prepared):
+    (tmp_path / "pairs.csv").write_text('premise,hypothesis,label\n"A man, smiling.",He is happy.,yes\n')
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"premise": "A cat.", "hypothesis": "An animal.",
+                                                      "label": "yes"}) + "\n")
+    tokenizer = load_tokenizer(sample_prepared)
+    columns = {"text_column": "premise", "text_pair_column": "hypothesis", "label_column": "label",
+               "max_seq_length": 16}
+    for name in ("pairs.csv", "pairs.jsonl"):
+        rows = read_table(tmp_path / name)
+        [(ids, types, label)] = encode_rows(rows, name, tokenizer, columns, labels=["no", "yes"])
+        assert label == 1 and ids[0] == tokenizer.token_to_id("[CLS]")
+        assert types[0] == 0 and types[-1] == 1 and ids.count(tokenizer.token_to_id("[SEP]")) == 2
+    with pytest.raises(UserError, match=r"pairs.csv: no column 'sentence' .*columns: premise, hypothesis, label"):
+        encode_rows(read_table(tmp_path / "pairs.csv"), "pairs.csv", tokenizer, {**columns, "text_column": "sentence"},
+                    labels=["yes"])
+    with pytest.raises(UserError, match=r"label 'yes' is not one of the training labels"):
+        encode_rows(read_table(tmp_path / "pairs.csv"), "pairs.csv", tokenizer, columns, labels=["0", "1"])
+
+
+def test_predict_refuses_a_pretraining_checkpoint(pretrained, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["predict", "--checkpoint", str(pretrained), "--input", "x.tsv", "--output", str(tmp_path / "p.tsv")])
+    assert "not a `bertpre finetune` checkpoint" in capsys.readouterr().err
+
+
+def test_shipped_finetune_config_parses(pretrained, tmp_path):
+    from bertpre.finetune import TaskDataModule
+    from bertpre.train import BertpreCLI
+
+    cli = BertpreCLI(ClassifierModule, TaskDataModule, run=False,
+                     args=["--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
+                           str(pretrained), "--trainer.default_root_dir", str(tmp_path)])
+    assert 2e-5 <= cli.model.hparams.learning_rate <= 5e-5 and cli.model.hparams.warmup_fraction == 0.1
+    assert cli.datamodule.text_column == ["sentence", "content"] and 2 <= cli.trainer.max_epochs <= 4
+    assert cli.trainer.checkpoint_callback.monitor == "val/accuracy"
