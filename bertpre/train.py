@@ -50,7 +50,7 @@ class BertpreCLI(LightningCLI):
             elif isinstance(logger, TensorBoardLogger):
                 lines.append(f"  tensorboard tensorboard --logdir {logger.log_dir}")
         metrics = trainer.callback_metrics
-        shown = sorted(k for k in metrics if k.startswith("val/") and k != "val/loss")
+        shown = sorted(k for k in metrics if k.startswith("val/") and not k.endswith("loss"))
         if shown:
             lines.append("  " + "   ".join(f"{k} {float(metrics[k]):.4f}" for k in shown))
         print("\n".join(lines))
