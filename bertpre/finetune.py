@@ -28,6 +28,7 @@ import bertpre
 from bertpre.errors import UserError
 from bertpre.export import load_pretrained
 from bertpre.model import BertConfig, BertForPretraining
+from bertpre.module import read_checkpoint
 from bertpre.optim import build_optimizer
 
 TASK_KEY = "bertpre_task"
@@ -164,6 +165,13 @@ def collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
 
 
+def without_pretraining_heads(encoder: BertForPretraining) -> BertForPretraining:
+    """Drop the MLM and NSP heads, unused in classification (DDP needs every parameter used)."""
+    encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
+    encoder.mlm_bias = None
+    return encoder
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -189,10 +197,7 @@ class ClassifierModule(L.LightningModule):
         if random_init:
             torch.manual_seed(0)
             encoder = BertForPretraining(encoder.config)
-        # the pretraining heads are not used here: drop them (DDP needs every parameter used)
-        encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
-        encoder.mlm_bias = None
-        self.encoder = encoder.train()
+        self.encoder = without_pretraining_heads(encoder).train()
         self.pad_id = self.tokenizer.token_to_id("[PAD]")
         self.dropout = torch.nn.Dropout(classifier_dropout)
         self.classifier: torch.nn.Linear | None = None
@@ -261,18 +266,9 @@ class ClassifierModule(L.LightningModule):
 def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_path: str | Path,
                  batch_size: int = 64) -> int:
     """Write ``prediction`` (and the input's columns) for every row of ``input_path``; returns the row count."""
-    try:
-        checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise UserError(f"checkpoint {checkpoint_path}: not found") from None
-    except Exception as e:
-        raise UserError(f"checkpoint {checkpoint_path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or TASK_KEY not in checkpoint:
-        raise UserError(f"checkpoint {checkpoint_path}: not a `bertpre finetune` checkpoint")
+    checkpoint = read_checkpoint(checkpoint_path, key=TASK_KEY, kind="`bertpre finetune`")
     task = checkpoint[TASK_KEY]
-    encoder = BertForPretraining(BertConfig(**task["model_config"]))
-    encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
-    encoder.mlm_bias = None
+    encoder = without_pretraining_heads(BertForPretraining(BertConfig(**task["model_config"])))
     tokenizer = Tokenizer.from_str(task["tokenizer"])
     state = checkpoint["state_dict"]
     encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})

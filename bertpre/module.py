@@ -29,8 +29,8 @@ CHECKPOINT_KEY = "bertpre"
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
 
 
-def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Load a bertpre checkpoint safely (tensors and plain data only)."""
+def read_checkpoint(path: str | Path, key: str = CHECKPOINT_KEY, kind: str = "bertpre") -> dict[str, Any]:
+    """Load a checkpoint safely (tensors and plain data only) and check it carries ``key``."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path}: not found")
@@ -38,8 +38,8 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UserError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or CHECKPOINT_KEY not in checkpoint:
-        raise UserError(f"checkpoint {path}: not a bertpre checkpoint (no '{CHECKPOINT_KEY}' entry)")
+    if not isinstance(checkpoint, dict) or key not in checkpoint:
+        raise UserError(f"checkpoint {path}: not a {kind} checkpoint (no '{key}' entry)")
     return checkpoint
 
 
