@@ -115,3 +115,20 @@ def test_expand_inputs_folders_globs_and_missing(tmp_path):
 def test_every_shared_gutenberg_book_reads_as_prose():
     for path in sorted(GUTENBERG.glob("*-*.txt")):
         assert detect_format(path) == "prose", path.name
+
+
+def test_to_sentence_lines_script_round_trips(tmp_path):
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "lines.txt"
+    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "to_sentence_lines.py"),
+                           str(SAMPLE / "carroll-alice.txt"), str(SAMPLE / "shakespeare-caesar.txt"),
+                           "--output", str(out)], capture_output=True, text=True, check=True)
+    assert "2 documents" in done.stdout
+    original, _ = read([SAMPLE / "carroll-alice.txt", SAMPLE / "shakespeare-caesar.txt"])
+    assert detect_format(out) == "lines"
+    round_trip, _ = read([out])
+    assert round_trip == original
