@@ -65,13 +65,8 @@ class PreparedData:
 class ContentSeededCollator(MaskingCollator):
     """Masks each batch with a seed derived from its token ids: the same batch, the same masks."""
 
-    def __call__(self, examples):
-        import torch
-
-        seed = zlib.crc32(b"".join(np.asarray(e["input_ids"], dtype=np.int32).tobytes() for e in examples))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            return super().__call__(examples)
+    def generator(self, input_ids: np.ndarray) -> np.random.Generator:
+        return np.random.default_rng(zlib.crc32(input_ids.tobytes()))
 
 
 class PretrainDataModule(L.LightningDataModule):

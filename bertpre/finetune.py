@@ -14,6 +14,7 @@ import json
 import math
 import sys
 from dataclasses import asdict
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -122,7 +123,7 @@ class TaskDataModule(L.LightningDataModule):
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
         pad = self.trainer.lightning_module.pad_id
         return DataLoader(self.encoded[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          collate_fn=lambda rows: collate(rows, pad), num_workers=self.num_workers)
+                          collate_fn=partial(collate, pad_id=pad), num_workers=self.num_workers)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

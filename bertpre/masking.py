@@ -106,6 +106,10 @@ class MaskingCollator:
         self.masker = masker
         self.pad_to_multiple_of = pad_to_multiple_of
 
+    def generator(self, input_ids: np.ndarray) -> np.random.Generator:
+        """The masking randomness for one padded batch: drawn from torch's generator."""
+        return np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+
     def __call__(self, examples: Sequence[Mapping[str, object]]) -> dict[str, torch.Tensor]:
         lengths = [len(e["input_ids"]) for e in examples]
         width = max(lengths)
@@ -124,7 +128,7 @@ class MaskingCollator:
             for row, example in enumerate(examples):
                 labels[row, np.asarray(example["masked_lm_positions"], dtype=np.int64)] = example["masked_lm_ids"]
         else:
-            rng = np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
+            rng = self.generator(input_ids)
             chosen = [self.masker.choose_positions(input_ids[row, :length], rng) for row, length in enumerate(lengths)]
             rows = np.repeat(np.arange(batch), [len(c) for c in chosen])
             cols = np.concatenate(chosen)

@@ -17,7 +17,7 @@ import random
 import shutil
 import time
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import numpy as np
@@ -82,6 +82,10 @@ class SplitStats:
     short_target: int = 0
     truncated: int = 0
     length_counts: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
+
+    def __add__(self, other: SplitStats) -> SplitStats:
+        counts = {f.name: getattr(self, f.name) + getattr(other, f.name) for f in fields(self) if f.name != "length_counts"}
+        return SplitStats(**counts, length_counts=[a + b for a, b in zip(self.length_counts, other.length_counts)])
 
 
 def is_validation_document(index: int, fraction: float) -> bool:
@@ -322,11 +326,7 @@ def _feature(arrow_type: pa.DataType):
 
 
 def _record(options, files, tokenizer, tokenizer_seconds, corpus: CorpusStats, splits: dict[str, SplitStats]) -> dict:
-    total = SplitStats()
-    for s in splits.values():
-        for key in ("documents", "sentences", "tokens", "unk_tokens", "instances", "not_next", "short_target", "truncated"):
-            setattr(total, key, getattr(total, key) + getattr(s, key))
-        total.length_counts = [a + b for a, b in zip(total.length_counts, s.length_counts)]
+    total = sum(splits.values(), SplitStats())
     instances = max(total.instances, 1)
     return {
         "schema_version": SCHEMA_VERSION,
