@@ -11,15 +11,15 @@ from pathlib import Path
 import bertpre
 from bertpre.errors import UserError
 
-USAGE = """usage: bertpre {prepare,train,bench} ...
+USAGE = """usage: bertpre {prepare,train,bench,export,import,finetune,predict} ...
 
-  prepare   raw text -> tokenizer + sentence-pair dataset   (bertpre prepare --help)
-  train     pretrain with MLM + NSP from a YAML config       (bertpre train --help)
-  bench     time bertpre's training step against transformers' (bertpre bench --help)
-  export    checkpoint -> HuggingFace directory                (bertpre export CKPT --output DIR)
-  import    HuggingFace BERT directory -> bertpre checkpoint    (bertpre import DIR --output CKPT)
-  finetune  sequence classification from a YAML config        (bertpre finetune --help)
-  predict   label a file with a fine-tuned checkpoint          (bertpre predict --help)
+  prepare   raw text -> tokenizer + sentence-pair dataset      bertpre prepare --help
+  train     pretrain with MLM + NSP from a YAML config          bertpre train --help
+  bench     time bertpre's training step against transformers'  bertpre bench --help
+  export    checkpoint -> HuggingFace directory                 bertpre export CKPT --output DIR
+  import    HuggingFace BERT directory -> bertpre checkpoint     bertpre import DIR --output CKPT
+  finetune  sequence classification from a YAML config          bertpre finetune --help
+  predict   label a file with a fine-tuned checkpoint           bertpre predict --help
 """
 
 
