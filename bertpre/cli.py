@@ -11,9 +11,12 @@ from pathlib import Path
 import bertpre
 from bertpre.errors import UserError
 
-USAGE = """usage: bertpre {prepare,train,bench,export,import,finetune,predict} ...
+USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,bench,export,import,finetune,predict} ...
 
   prepare   raw text -> tokenizer + sentence-pair dataset      bertpre prepare --help
+  tokenizer train only the tokenizer (before sharded prepare)   bertpre tokenizer --help
+  combine   join sharded prepare outputs into one folder        bertpre combine DIR... --output DIR
+  inspect   statistics and a figure of a prepared folder        bertpre inspect DIR
   train     pretrain with MLM + NSP from a YAML config          bertpre train --help
   bench     time bertpre's training step against transformers'  bertpre bench --help
   export    checkpoint -> HuggingFace directory                 bertpre export CKPT --output DIR
@@ -23,29 +26,56 @@ USAGE = """usage: bertpre {prepare,train,bench,export,import,finetune,predict} .
 """
 
 
-def prepare_parser() -> argparse.ArgumentParser:
+def _input_arguments(p: argparse.ArgumentParser) -> None:
     from bertpre.corpus import FORMATS
 
+    io = p.add_argument_group("input and output")
+    io.add_argument("--input", nargs="+", required=True, metavar="PATH",
+                    help="files (text, .gz/.bz2/.xz, .jsonl, .parquet), folders, saved datasets or glob patterns")
+    io.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
+    io.add_argument("--format", default="auto", choices=FORMATS,
+                    help="lines: one sentence per line, blank line between documents; prose: wrapped text, "
+                         "split into sentences here; jsonl: one document per line; auto: by extension and content")
+    io.add_argument("--text-field", default="text",
+                    help="JSONL field or Parquet / saved-dataset column holding a document's text")
+    io.add_argument("--doc-separator", default=None, metavar="REGEX",
+                    help=r"a line matching this starts a new document and is dropped, e.g. '^ = [^=].* = $' for WikiText")
+    io.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    io.add_argument("--skip-unreadable", action="store_true",
+                    help="skip (and list in prepare.json) input files that cannot be read, instead of stopping")
+
+
+def _tokenizer_training_arguments(group) -> None:
+    group.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size of a trained tokenizer")
+    group.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
+    group.add_argument("--tokenizer-sample-mb", type=float, default=100.0,
+                       help="train the tokenizer on a random sample of documents holding about this much text")
+
+
+def _corpus_options(args: argparse.Namespace):
+    from bertpre.corpus import CorpusOptions
+
+    return CorpusOptions(format=args.format, text_field=args.text_field, doc_separator=args.doc_separator,
+                         skip_unreadable=args.skip_unreadable)
+
+
+def prepare_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bertpre prepare",
         description="Turn raw text into a WordPiece tokenizer and a sentence-pair dataset for MLM + NSP.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    io = p.add_argument_group("input and output")
-    io.add_argument("--input", nargs="+", required=True, metavar="PATH", help="files, folders or glob patterns")
-    io.add_argument("--output", required=True, type=Path, metavar="DIR", help="output folder")
-    io.add_argument("--format", default="auto", choices=FORMATS,
-                    help="lines: one sentence per line, blank line between documents; prose: wrapped text, "
-                         "split into sentences here; jsonl: one document per line; auto: by extension and content")
-    io.add_argument("--text-field", default="text", help="JSONL field holding the document text")
-    io.add_argument("--doc-separator", default=None, metavar="REGEX",
-                    help=r"a line matching this starts a new document and is dropped, e.g. '^ = [^=].* = $' for WikiText")
-    io.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    _input_arguments(p)
+    scale = p.add_argument_group("scale")
+    scale.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)),
+                       help="worker processes (the output is the same for any number)")
+    scale.add_argument("--shard-index", type=int, default=0, help="prepare only this shard of the input files")
+    scale.add_argument("--num-shards", type=int, default=1,
+                       help="split the input files into this many shards (needs --tokenizer; join with bertpre combine)")
     tok = p.add_argument_group("tokenizer")
     tok.add_argument("--tokenizer", default=None, metavar="PATH",
                      help="reuse a tokenizer.json, a vocab.txt or an earlier prepare's output instead of training one")
-    tok.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size of a trained tokenizer")
-    tok.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
+    _tokenizer_training_arguments(tok)
     pairs = p.add_argument_group("sentence pairs")
     pairs.add_argument("--max-seq-length", type=int, default=128)
     pairs.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter target length")
@@ -63,7 +93,6 @@ def prepare_parser() -> argparse.ArgumentParser:
 
 
 def run_prepare(argv: Sequence[str]) -> None:
-    from bertpre.corpus import CorpusOptions
     from bertpre.pairs import PairOptions
     from bertpre.prepare import PrepareOptions, prepare, summary
 
@@ -71,7 +100,7 @@ def run_prepare(argv: Sequence[str]) -> None:
     options = PrepareOptions(
         inputs=args.input,
         output=args.output,
-        corpus=CorpusOptions(format=args.format, text_field=args.text_field, doc_separator=args.doc_separator),
+        corpus=_corpus_options(args),
         pairs=PairOptions(args.max_seq_length, args.short_seq_prob, args.nsp_probability),
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
@@ -82,9 +111,59 @@ def run_prepare(argv: Sequence[str]) -> None:
         static_masking=args.static_masking,
         whole_word_masking=args.whole_word_masking,
         overwrite=args.overwrite,
+        num_proc=args.num_proc,
+        shard_index=args.shard_index,
+        num_shards=args.num_shards,
+        tokenizer_sample_mb=args.tokenizer_sample_mb,
     )
     record = prepare(options)
     print(summary(record, args.output))
+
+
+def run_tokenizer(argv: Sequence[str]) -> None:
+    from bertpre.prepare import write_tokenizer
+
+    p = argparse.ArgumentParser(
+        prog="bertpre tokenizer",
+        description="Train only the WordPiece tokenizer (tokenizer.json + vocab.txt), e.g. once before "
+                    "preparing shards with --tokenizer.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    _input_arguments(p)
+    _tokenizer_training_arguments(p)
+    p.add_argument("--seed", type=int, default=12345, help="seed of the document sample")
+    args = p.parse_args(argv)
+    record = write_tokenizer(args.input, args.output, _corpus_options(args), args.vocab_size, args.cased,
+                             args.tokenizer_sample_mb, args.seed, args.overwrite)
+    print(f"trained {args.output}/tokenizer.json in {record['seconds']} s: vocab {record['vocab_size']}, "
+          f"sample {record['sample_chars'] / 1e6:.1f} M characters ({record['sample_sentences']} sentences), "
+          f"fingerprint {record['fingerprint']}")
+
+
+def run_combine(argv: Sequence[str]) -> None:
+    from bertpre.prepare import combine, summary
+
+    p = argparse.ArgumentParser(prog="bertpre combine",
+                                description="Join the outputs of `bertpre prepare --shard-index i --num-shards k` "
+                                            "into one prepared folder for training.")
+    p.add_argument("shards", nargs="+", metavar="DIR", help="prepared shard folders, in order")
+    p.add_argument("--output", required=True, type=Path, metavar="DIR")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    args = p.parse_args(argv)
+    print(summary(combine(args.shards, args.output, args.overwrite), args.output))
+
+
+def run_inspect(argv: Sequence[str]) -> None:
+    from bertpre.report import inspect
+
+    p = argparse.ArgumentParser(prog="bertpre inspect",
+                                description="Print a prepared folder's statistics and draw them: sequence lengths, "
+                                            "NotNext split, token frequencies.")
+    p.add_argument("path", metavar="DIR", help="a folder written by `bertpre prepare`")
+    p.add_argument("--plot", default=None, metavar="PNG", help="where to write the figure (default: DIR/report.png)")
+    args = p.parse_args(argv)
+    text, _ = inspect(args.path, args.plot)
+    print(text)
 
 
 def run_bench(argv: Sequence[str]) -> None:
@@ -176,8 +255,9 @@ def run_predict(argv: Sequence[str]) -> None:
 def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
-    commands = {"prepare": run_prepare, "train": run_train, "bench": run_bench, "export": run_export,
-                "import": run_import, "finetune": run_finetune, "predict": run_predict}
+    commands = {"prepare": run_prepare, "tokenizer": run_tokenizer, "combine": run_combine, "inspect": run_inspect,
+                "train": run_train, "bench": run_bench, "export": run_export, "import": run_import,
+                "finetune": run_finetune, "predict": run_predict}
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return
@@ -195,6 +275,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     except KeyboardInterrupt:
         print(f"bertpre {argv[0]}: interrupted", file=sys.stderr)
         sys.exit(130)
+    except BrokenPipeError:  # output piped into e.g. `head`, which has exited
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(1)
 
 
 if __name__ == "__main__":

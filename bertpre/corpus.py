@@ -6,6 +6,10 @@ A document is a list of sentences (strings). Three input formats are understood:
 - ``prose``: wrapped lines with blank-line paragraphs; split into sentences here;
 - ``jsonl``: one JSON object per line, one document each, its text in a configurable field.
 
+Tables are read too, one document per row, its text in the same configurable field:
+Parquet files (``.parquet``) and datasets saved with ``save_to_disk`` (a folder; every
+split of a ``DatasetDict``). Text files may be compressed (.gz, .bz2, .xz).
+
 Each file ends a document. A ``doc_separator`` regex makes any matching line (which is
 dropped) start a new document, as WikiText's `` = Title = `` lines do.
 """
@@ -21,6 +25,7 @@ import json
 import lzma
 import os
 import re
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +65,7 @@ class CorpusOptions:
     format: str = "auto"
     text_field: str = "text"
     doc_separator: str | None = None
+    skip_unreadable: bool = False  # report and count unreadable files instead of stopping
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
@@ -80,6 +86,20 @@ class CorpusStats:
     invalid_utf8_bytes: int = 0
     formats: dict[str, str] = field(default_factory=dict)
     invalid_utf8_by_file: dict[str, int] = field(default_factory=dict)
+    skipped_files: list[str] = field(default_factory=list)  # "path: reason"
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by datasets' ``save_to_disk`` (a Dataset or a DatasetDict)."""
+    return (path / "dataset_dict.json").is_file() or (
+        (path / "state.json").is_file() and (path / "dataset_info.json").is_file())
+
+
+def input_size(path: Path) -> int:
+    """Bytes on disk of an input file or saved dataset folder."""
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*.arrow"))
+    return os.path.getsize(path)
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
@@ -87,13 +107,10 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
-        if path.is_file():
+        if path.is_file() or (path.is_dir() and is_saved_dataset(path)):
             files.append(path)
         elif path.is_dir():
-            found = [
-                p for p in sorted(path.rglob("*"))
-                if p.is_file() and not any(part.startswith(".") for part in p.relative_to(path).parts)
-            ]
+            found = _files_in(path)
             if not found:
                 raise UserError(f"input folder {item} contains no files")
             files.extend(found)
@@ -107,6 +124,20 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
     if not unique:
         raise UserError("no input files given")
     return unique
+
+
+def _files_in(folder: Path) -> list[Path]:
+    """Files under ``folder``, recursively and in sorted order; hidden entries skipped and a
+    saved dataset inside taken as one input."""
+    found: list[Path] = []
+    for entry in sorted(folder.iterdir()):
+        if entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            found.extend([entry] if is_saved_dataset(entry) else _files_in(entry))
+        elif entry.is_file():
+            found.append(entry)
+    return found
 
 
 def _content_suffix(path: Path) -> str:
@@ -130,7 +161,7 @@ def _sniff(path: Path) -> str:
     try:
         with _open_binary(path) as f:
             head = f.read(_SNIFF_BYTES)
-    except (OSError, EOFError, lzma.LZMAError) as e:
+    except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise UserError(f"{path}: cannot read: {e}") from None
     if b"\x00" in head:
         raise UserError(f"{path}: binary file (contains NUL bytes), not text")
@@ -138,7 +169,12 @@ def _sniff(path: Path) -> str:
 
 
 def detect_format(path: Path, requested: str = "auto") -> str:
-    """The explicit format if one was asked for, else guess from the extension and the content."""
+    """The explicit format if one was asked for, else guess from the extension and the content.
+    Parquet files and saved datasets are always read as tables ("parquet", "dataset")."""
+    if path.is_dir():
+        return "dataset"
+    if path.suffix.lower() == ".parquet":
+        return "parquet"
     sample = _sniff(path)
     if requested != "auto":
         return requested
@@ -223,21 +259,80 @@ def _read_jsonl(path: Path, text_field: str) -> Iterator[list[str]]:
             text = record[text_field]
             if not isinstance(text, str):
                 raise UserError(f"{path}:{lineno}: field {text_field!r} is not a string")
-            document = [s for para in re.split(r"\n\s*\n", text) for s in split_sentences(para)]
+            document = document_from_text(text)
+            if document:
+                yield document
+
+
+def document_from_text(text: str) -> list[str]:
+    """One document's text (paragraphs separated by blank lines) -> its sentences."""
+    return [s for para in re.split(r"\n\s*\n", text) for s in split_sentences(para)]
+
+
+def _read_table_batches(path: Path, fmt: str, text_field: str) -> Iterator[list]:
+    """Batches of the text column of a Parquet file or a saved dataset, memory-mapped or streamed."""
+    if fmt == "parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.ParquetFile(path)
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
+            raise UserError(f"{path}: cannot read as Parquet: {e}") from None
+        if text_field not in table.schema_arrow.names:
+            raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}; "
+                            f"set --text-field)")
+        for batch in table.iter_batches(batch_size=1000, columns=[text_field]):
+            yield batch.column(0).to_pylist()
+        return
+    import datasets
+
+    try:
+        loaded = datasets.load_from_disk(str(path))
+    except Exception as e:  # datasets raises several types for folders it cannot load
+        raise UserError(f"{path}: cannot load as a saved dataset: {e}") from None
+    parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
+    for part in parts:
+        if text_field not in part.column_names:
+            raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(part.column_names)}; "
+                            f"set --text-field)")
+        for batch in part.select_columns([text_field]).iter(batch_size=1000):
+            yield batch[text_field]
+
+
+def _read_table(path: Path, fmt: str, text_field: str) -> Iterator[list[str]]:
+    for texts in _read_table_batches(path, fmt, text_field):
+        for text in texts:
+            if text is None:
+                continue
+            if not isinstance(text, str):
+                raise UserError(f"{path}: column {text_field!r} does not hold text")
+            document = document_from_text(text)
             if document:
                 yield document
 
 
 def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusStats) -> Iterator[list[str]]:
-    """Stream documents from every file in order, updating ``stats`` as files are read."""
+    """Stream documents from every file in order, updating ``stats`` as files are read.
+
+    A file that cannot be read stops the run with its name, or with ``skip_unreadable`` is
+    listed in ``stats.skipped_files`` (documents read before a mid-file error are kept).
+    """
     separator = re.compile(options.doc_separator) if options.doc_separator else None
     for path in files:
-        fmt = detect_format(path, options.format)
+        try:
+            fmt = detect_format(path, options.format)
+        except UserError as e:
+            if not options.skip_unreadable:
+                raise UserError(f"{e} (--skip-unreadable skips such files)") from None
+            stats.skipped_files.append(str(e))
+            continue
         stats.files += 1
         stats.formats[str(path)] = fmt
-        stats.input_bytes += os.path.getsize(path)
+        stats.input_bytes += input_size(path)
         before = _invalid_bytes.count
-        if fmt == "jsonl":
+        if fmt in ("parquet", "dataset"):
+            documents = _read_table(path, fmt, options.text_field)
+        elif fmt == "jsonl":
             documents = _read_jsonl(path, options.text_field)
         elif fmt == "prose":
             documents = _read_prose(path, separator)
@@ -248,8 +343,11 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
                 stats.documents += 1
                 stats.sentences += len(document)
                 yield document
-        except (OSError, EOFError, lzma.LZMAError) as e:
-            raise UserError(f"{path}: cannot read: {e}") from None
+        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
+            message = f"{path}: cannot read: {e}"
+            if not options.skip_unreadable:
+                raise UserError(message + " (--skip-unreadable skips such files)") from None
+            stats.skipped_files.append(message)
         invalid = _invalid_bytes.count - before
         if invalid:
             stats.invalid_utf8_bytes += invalid

@@ -1,65 +1,24 @@
 """LightningDataModule for a folder written by ``bertpre prepare``.
 
-The Arrow dataset is memory-mapped (``load_from_disk``), read in whole batches, and
+The Arrow files are memory-mapped (``PreparedData.load_dataset``), read in whole batches, and
 masked by ``MaskingCollator``. Validation batches are masked with a seed taken from their
 content, so validation metrics do not move with the masking lottery.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import zlib
-from pathlib import Path
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from tokenizers import Tokenizer
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bertpre.errors import UserError
 from bertpre.masking import Masker, MaskingCollator, default_max_predictions
-from bertpre.prepare import SCHEMA_VERSION
-from bertpre.tokenizer import load_tokenizer, vocab_fingerprint
-
-
-class PreparedData:
-    """What training needs to know about a prepared folder: its tokenizer and its record."""
-
-    def __init__(self, path: str | Path) -> None:
-        self.path = Path(path)
-        record_path = self.path / "prepare.json"
-        if not self.path.is_dir():
-            raise UserError(f"data.path {self.path}: not found (run `bertpre prepare --output {self.path}` first)")
-        if not record_path.is_file():
-            raise UserError(f"data.path {self.path}: no prepare.json; not a folder written by `bertpre prepare`")
-        try:
-            self.record = json.loads(record_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{record_path}: not valid JSON ({e.msg})") from None
-        version = self.record.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise UserError(
-                f"data.path {self.path}: prepared with schema version {version}, this bertpre reads version "
-                f"{SCHEMA_VERSION}; run `bertpre prepare` again"
-            )
-        self.tokenizer: Tokenizer = load_tokenizer(self.path / "tokenizer.json")
-        self.fingerprint = vocab_fingerprint(self.tokenizer)
-        self.max_seq_length: int = self.record["max_seq_length"]
-
-    @property
-    def vocab_size(self) -> int:
-        return self.tokenizer.get_vocab_size()
-
-    def load_dataset(self):
-        import datasets
-
-        try:
-            return datasets.load_from_disk(str(self.path / "dataset"))
-        except FileNotFoundError as e:
-            raise UserError(f"data.path {self.path}: dataset missing or incomplete ({e})") from None
+from bertpre.prepare import PreparedData
 
 
 class ContentSeededCollator(MaskingCollator):

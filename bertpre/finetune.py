@@ -79,6 +79,8 @@ class TaskDataModule(L.LightningDataModule):
         max_seq_length: int = 128,
         batch_size: int = 32,
         num_workers: int = 0,
+        max_train_examples: int | None = None,
+        subset_seed: int = 0,
     ) -> None:
         """
         Args:
@@ -90,11 +92,17 @@ class TaskDataModule(L.LightningDataModule):
             max_seq_length: longer inputs are truncated (longest side first)
             batch_size: examples per batch
             num_workers: DataLoader workers
+            max_train_examples: train on a random subset of this many rows (low-resource runs, learning curves)
+            subset_seed: seed of that subset (the same seed gives the same rows)
         """
         super().__init__()
         self.train_file, self.validation_file = train_file, validation_file
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.max_seq_length, self.batch_size, self.num_workers = max_seq_length, batch_size, num_workers
+        if max_train_examples is not None and max_train_examples < batch_size:
+            raise UserError(f"data.max_train_examples must be at least data.batch_size ({batch_size}), "
+                            f"got {max_train_examples}")
+        self.max_train_examples, self.subset_seed = max_train_examples, subset_seed
         self.labels: list[str] | None = None
         self.encoded: dict[str, list[tuple[list[int], list[int], int]]] = {}
 
@@ -113,6 +121,8 @@ class TaskDataModule(L.LightningDataModule):
         self.labels = sorted({row[label_column] for row in train_rows})
         if len(self.labels) < 2:
             raise UserError(f"{self.train_file}: column {label_column!r} has a single class {self.labels}")
+        if self.max_train_examples is not None:
+            train_rows = sample_rows(train_rows, self.max_train_examples, self.subset_seed)
         for split, path, rows in (("train", self.train_file, train_rows),
                                   ("validation", self.validation_file, read_table(self.validation_file))):
             self.encoded[split] = encode_rows(rows, path, tokenizer, self.columns(), self.labels)
@@ -130,6 +140,14 @@ class TaskDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return self._loader("validation", shuffle=False)
+
+
+def sample_rows(rows: list[dict[str, str]], count: int, seed: int) -> list[dict[str, str]]:
+    """A random subset of ``count`` rows in file order; the same seed gives the same subset."""
+    if count >= len(rows):
+        return rows
+    order = torch.randperm(len(rows), generator=torch.Generator().manual_seed(seed))
+    return [rows[i] for i in sorted(order[:count].tolist())]
 
 
 def encode_rows(rows, path, tokenizer: Tokenizer, columns: dict, labels: list[str] | None):

@@ -13,13 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from tokenizers import Tokenizer
 
 from bertpre.errors import UserError
 from bertpre.tokenizer import SpecialIds, special_ids
+
+if TYPE_CHECKING:  # torch is imported where batches are made, so that `bertpre prepare` never loads it
+    import torch
 
 IGNORE_INDEX = -100
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1
@@ -108,9 +111,13 @@ class MaskingCollator:
 
     def generator(self, input_ids: np.ndarray) -> np.random.Generator:
         """The masking randomness for one padded batch: drawn from torch's generator."""
+        import torch
+
         return np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
 
     def __call__(self, examples: Sequence[Mapping[str, object]]) -> dict[str, torch.Tensor]:
+        import torch
+
         lengths = [len(e["input_ids"]) for e in examples]
         width = max(lengths)
         if self.pad_to_multiple_of:

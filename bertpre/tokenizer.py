@@ -7,12 +7,15 @@ token types 0/1 set as its post-processor (a freshly trained WordPiece model has
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
+import re
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from bertpre.errors import UserError
@@ -174,3 +177,121 @@ def vocab_fingerprint(tokenizer: Tokenizer) -> str:
     normalizer = json.loads(tokenizer.to_str()).get("normalizer")
     payload = json.dumps({"vocab": vocab, "normalizer": normalizer}, sort_keys=True)
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()[:16]
+
+
+# Whitespace to Python and Arrow, but control characters that BERT's normalizer deletes:
+# removed before splitting into words (tests check this list against the tokenizer).
+_DELETED_WHITESPACE = re.compile("[\x0b\x0c\x1c-\x1f\x85]")
+
+
+def word_cacheable(tokenizer: Tokenizer) -> bool:
+    """Whether encoding whitespace-separated words one by one gives the same ids as encoding
+    the sentence: true for BERT's normalizer (with clean_text) and pre-tokenizer, which never
+    join or split across whitespace, when no added token contains whitespace."""
+    config = json.loads(tokenizer.to_str())
+    normalizer, pre_tokenizer = config.get("normalizer"), config.get("pre_tokenizer")
+    if normalizer is None or normalizer.get("type") != "BertNormalizer" or not normalizer.get("clean_text"):
+        return False
+    if pre_tokenizer is None or pre_tokenizer.get("type") != "BertPreTokenizer":
+        return False
+    return not any(any(c.isspace() for c in t["content"]) for t in config.get("added_tokens", []))
+
+
+class SentenceEncoder:
+    """Token ids of many sentences at once, without special tokens.
+
+    For BERT-style tokenizers (``word_cacheable``) each distinct word is tokenized once and
+    kept in a cache, so the cost grows with the number of distinct words rather than with the
+    text; splitting and hashing run in Arrow's C++ kernels. The ids equal
+    ``tokenizer.encode``'s. The cache is emptied when it holds ``max_cached_chars``
+    characters of words, which bounds its memory.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, max_cached_chars: int = 32_000_000) -> None:
+        self.tokenizer = tokenizer
+        self.cached = word_cacheable(tokenizer)
+        self.max_cached_chars = max_cached_chars
+        self._clear()
+
+    def _clear(self) -> None:
+        self.index: dict[str, int] = {}
+        self.cached_chars = 0
+        self.pieces = np.zeros(1 << 16, dtype=np.int32)  # ids of all cached words, back to back
+        self.starts = np.zeros(1 << 12, dtype=np.int64)
+        self.lengths = np.zeros(1 << 12, dtype=np.int64)
+        self.used = 0  # entries of self.pieces in use
+
+    def encode(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(ids of all sentences back to back as int32, number of ids per sentence as int64)."""
+        if not self.cached:
+            return _flatten(self.tokenizer.encode_batch_fast(list(sentences), add_special_tokens=False))
+        import pyarrow as pa
+        import pyarrow.compute as pc
+
+        text = pa.array(sentences, type=pa.large_string())
+        if len(text) and pc.any(pc.match_substring_regex(text, _DELETED_WHITESPACE.pattern)).as_py():
+            text = pc.replace_substring_regex(text, _DELETED_WHITESPACE.pattern, "")
+        split = pc.utf8_split_whitespace(text)
+        word_counts = pc.list_value_length(split).to_numpy(zero_copy_only=False).astype(np.int64)
+        encoded = pc.dictionary_encode(pc.list_flatten(split))
+        distinct = encoded.dictionary.to_pylist()
+        if self.cached_chars > self.max_cached_chars:
+            self._clear()
+        get = self.index.get
+        keys = np.fromiter((get(w, -1) for w in distinct), np.int64, len(distinct))
+        missing = np.flatnonzero(keys < 0)
+        if len(missing):
+            self._add([distinct[i] for i in missing])
+            keys[missing] = np.arange(len(self.index) - len(missing), len(self.index))
+        keys = keys[encoded.indices.to_numpy(zero_copy_only=False)]
+        lengths = self.lengths[keys]
+        ends = np.cumsum(lengths)
+        total = int(ends[-1]) if len(ends) else 0
+        positions = np.repeat(self.starts[keys] - (ends - lengths), lengths) + np.arange(total)
+        sentence_of_word = np.repeat(np.arange(len(word_counts)), word_counts)
+        counts = np.bincount(sentence_of_word, weights=lengths, minlength=len(word_counts)).astype(np.int64)
+        return self.pieces[positions], counts
+
+    def _add(self, words: list[str]) -> None:
+        ids, lengths = self._encode_words(words)
+        first = len(self.index)
+        self.pieces = _fit(self.pieces, self.used + len(ids))
+        self.starts, self.lengths = _fit(self.starts, first + len(words)), _fit(self.lengths, first + len(words))
+        self.pieces[self.used : self.used + len(ids)] = ids
+        self.starts[first : first + len(words)] = self.used + np.cumsum(lengths) - lengths
+        self.lengths[first : first + len(words)] = lengths
+        self.used += len(ids)
+        self.index.update(zip(words, range(first, first + len(words))))
+        self.cached_chars += sum(map(len, words))
+
+
+    def _encode_words(self, words: list[str], group: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """Ids of each word (which holds no whitespace), words encoded ``group`` at a time as one
+        space-joined text (half the cost of one encoding per word); tokens go back to their
+        word by character offset."""
+        groups = [words[i : i + group] for i in range(0, len(words), group)]
+        encodings = self.tokenizer.encode_batch([" ".join(g) for g in groups], add_special_tokens=False)
+        all_ids, all_lengths = [], []
+        for chunk, encoding in zip(groups, encodings):
+            sizes = np.fromiter(map(len, chunk), np.int64, len(chunk))
+            word_starts = np.cumsum(sizes + 1) - sizes - 1
+            token_starts = np.fromiter((start for start, _ in encoding.offsets), np.int64, len(encoding.offsets))
+            word_of_token = np.searchsorted(word_starts, token_starts, side="right") - 1
+            all_ids.append(np.array(encoding.ids, dtype=np.int32))
+            all_lengths.append(np.bincount(word_of_token, minlength=len(chunk)).astype(np.int64))
+        return np.concatenate(all_ids), np.concatenate(all_lengths)
+
+
+def _flatten(encodings) -> tuple[np.ndarray, np.ndarray]:
+    counts = np.fromiter((len(e.ids) for e in encodings), np.int64, len(encodings))
+    ids = np.fromiter(itertools.chain.from_iterable(e.ids for e in encodings), np.int32, int(counts.sum()))
+    return ids, counts
+
+
+def _fit(array: np.ndarray, size: int) -> np.ndarray:
+    """``array`` grown (doubling) to hold at least ``size`` entries."""
+    if size <= len(array):
+        return array
+    grown = np.zeros(max(size, 2 * len(array)), dtype=array.dtype)
+    grown[: len(array)] = array
+    return grown

@@ -7,13 +7,16 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
-import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 from conftest import ROOT, SAMPLE
 
 from bertpre.data import PretrainDataModule
 from bertpre.export import export_checkpoint
 from bertpre.module import read_checkpoint
+from bertpre.prepare import PreparedData
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 
@@ -42,11 +45,15 @@ def make_uniform_dataset(source: Path, out: Path, rows: int) -> None:
     """A prepared folder whose pairs all have the same length and number of masked tokens, so that
     per-rank mean losses average to the global mean exactly."""
     shutil.copytree(source, out, ignore=shutil.ignore_patterns("dataset"))
-    train = datasets.load_from_disk(str(source / "dataset"))["train"]
-    full = train.filter(lambda r: len(r["input_ids"]) == 64 and len(r["masked_lm_positions"]) == 10)
+    table = PreparedData(source).load_dataset()["train"].data.table
+    lengths = pc.list_value_length(table["input_ids"]).to_numpy()
+    masked = pc.list_value_length(table["masked_lm_positions"]).to_numpy()
+    full = table.take(np.flatnonzero((lengths == 64) & (masked == 10)))
     assert len(full) >= rows
-    splits = {"train": full.select(range(rows)), "validation": full.select(range(rows, rows + 8))}
-    datasets.DatasetDict(splits).save_to_disk(str(out / "dataset"))
+    (out / "dataset").mkdir()
+    for name, part in (("train", full.slice(0, rows)), ("validation", full.slice(rows, 8))):
+        with pa.ipc.new_stream(str(out / "dataset" / f"{name}-00000.arrow"), part.schema) as writer:
+            writer.write_table(part)
 
 
 def test_ddp_on_two_cpu_processes_matches_one_process(sample_prepared, tmp_path):

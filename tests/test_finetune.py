@@ -8,7 +8,7 @@ from conftest import ROOT, SHARED_DATA
 
 from bertpre.cli import main
 from bertpre.errors import UserError
-from bertpre.finetune import ClassifierModule, encode_rows, read_table
+from bertpre.finetune import ClassifierModule, encode_rows, read_table, sample_rows
 from bertpre.tokenizer import load_tokenizer
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
@@ -99,3 +99,11 @@ def test_shipped_finetune_config_parses(pretrained, tmp_path):
     assert 2e-5 <= cli.model.hparams.learning_rate <= 5e-5 and cli.model.hparams.warmup_fraction == 0.1
     assert cli.datamodule.text_column == ["sentence", "content"] and 2 <= cli.trainer.max_epochs <= 4
     assert cli.trainer.checkpoint_callback.monitor == "val/accuracy"
+
+
+def test_training_subset_is_seeded_and_sized(sst2_slice):
+    rows = read_table(sst2_slice / "train.tsv")
+    first, again, other = (sample_rows(rows, 100, seed) for seed in (0, 0, 1))
+    assert len(first) == 100 and first == again and first != other
+    assert [rows.index(r) for r in first] == sorted(rows.index(r) for r in first), "file order kept"
+    assert sample_rows(rows, 10_000, 0) == rows

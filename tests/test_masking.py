@@ -1,15 +1,15 @@
-import datasets
 import numpy as np
 import pytest
 import torch
 
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
+from bertpre.prepare import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def real_examples(gutenberg_prepared):
-    train = datasets.load_from_disk(str(gutenberg_prepared / "dataset"))["train"].with_format("numpy")
+    train = PreparedData(gutenberg_prepared).load_dataset()["train"].with_format("numpy")
     return [train[i] for i in range(0, min(len(train), 8000), 2)]
 
 

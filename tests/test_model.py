@@ -1,6 +1,5 @@
 from dataclasses import replace
 
-import datasets
 import pytest
 import torch
 
@@ -9,6 +8,7 @@ from bertpre.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
 from bertpre.model import PRESETS, BertConfig, BertForPretraining
+from bertpre.prepare import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -105,7 +105,7 @@ def test_hf_names_round_trip():
 
 def test_collated_batch_runs_through_transformers_with_the_same_loss(sample_prepared):
     tokenizer = load_tokenizer(sample_prepared)
-    train = datasets.load_from_disk(str(sample_prepared / "dataset"))["train"].with_format("numpy")
+    train = PreparedData(sample_prepared).load_dataset()["train"].with_format("numpy")
     masker = Masker.from_tokenizer(tokenizer, default_max_predictions(64))
     torch.manual_seed(0)
     batch = MaskingCollator(masker, pad_to_multiple_of=8)([train[i] for i in range(16)])

@@ -2,14 +2,13 @@ import hashlib
 import json
 from pathlib import Path
 
-import datasets
 import numpy as np
 import pytest
 from conftest import SAMPLE
 
 from bertpre.errors import UserError
 from bertpre.pairs import PairOptions
-from bertpre.prepare import PrepareOptions, is_validation_document, prepare
+from bertpre.prepare import PreparedData, PrepareOptions, is_validation_document, prepare
 from bertpre.tokenizer import load_tokenizer
 
 
@@ -20,7 +19,7 @@ def arrays(split) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
 
 def test_gutenberg_pairs_statistics(gutenberg_prepared):
     record = json.loads((gutenberg_prepared / "prepare.json").read_text())
-    train = datasets.load_from_disk(str(gutenberg_prepared / "dataset"))["train"]
+    train = PreparedData(gutenberg_prepared).load_dataset()["train"]
     input_ids, token_types, labels = arrays(train)
     assert len(input_ids) > 15000
     assert abs(labels.mean() - 0.5) <= 0.02, "NotNext share"
@@ -39,7 +38,7 @@ def test_gutenberg_pairs_statistics(gutenberg_prepared):
 def test_prepare_record(gutenberg_prepared):
     record = json.loads((gutenberg_prepared / "prepare.json").read_text())
     counts, stats = record["counts"], record["statistics"]
-    assert record["schema_version"] == 1 and record["bertpre_version"]
+    assert record["schema_version"] == 2 and record["bertpre_version"]
     assert record["options"]["pairs"]["max_seq_length"] == 128 and record["options"]["seed"] == 12345
     assert counts["files"] == 15 and counts["documents"] == 15
     assert counts["instances"] == sum(s["instances"] for s in counts["splits"].values())
@@ -68,7 +67,7 @@ def test_splits_share_no_document(tmp_path):
     prepare(PrepareOptions(inputs=[str(corpus)], output=out, vocab_size=500, validation_fraction=0.25,
                            pairs=PairOptions(max_seq_length=32)))
     tokenizer = load_tokenizer(out)
-    splits = datasets.load_from_disk(str(out / "dataset"))
+    splits = PreparedData(out).load_dataset()
     seen = {}
     for name in ("train", "validation"):
         text = " ".join(tokenizer.decode(list(ids)) for ids in splits[name]["input_ids"])
@@ -110,8 +109,8 @@ def test_static_masking_stores_dupe_factor_differently_masked_copies(sample_prep
     single = tmp_path / "single"
     prepare(PrepareOptions(inputs=[str(SAMPLE / "carroll-alice.txt")], output=single, tokenizer=str(sample_prepared),
                            pairs=PairOptions(max_seq_length=64), static_masking=True))
-    train = datasets.load_from_disk(str(out / "dataset"))["train"]
-    one = datasets.load_from_disk(str(single / "dataset"))["train"]
+    train = PreparedData(out).load_dataset()["train"]
+    one = PreparedData(single).load_dataset()["train"]
     assert abs(len(train) / len(one) - 3) < 0.1
     mask_id = load_tokenizer(sample_prepared).token_to_id("[MASK]")
     masked = 0

@@ -1,0 +1,82 @@
+"""``bertpre inspect``: the statistics of a prepared folder, printed and drawn.
+
+The figure has three panels: the sequence-length histogram, the IsNext / NotNext split per
+dataset split, and the token-frequency curve (count against rank, log-log) counted over the
+training split, with the share of [UNK] and the number of vocabulary entries never used.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from bertpre.errors import UserError
+from bertpre.prepare import PreparedData, summary
+
+
+def token_counts(prepared: PreparedData, split: str = "train", batch_rows: int = 65_536) -> np.ndarray:
+    """Occurrences of every token id in a split, read batch by batch from the memory-mapped dataset."""
+    dataset = prepared.load_dataset()[split]
+    counts = np.zeros(prepared.vocab_size, dtype=np.int64)
+    table = dataset.data  # pyarrow table backed by the memory-mapped Arrow files
+    for batch in table.select(["input_ids"]).to_batches(max_chunksize=batch_rows):
+        ids = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+        counts += np.bincount(ids, minlength=prepared.vocab_size)[: prepared.vocab_size]
+    return counts
+
+
+def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
+    """Print-ready text and the path of the PNG written (default: PATH/report.png)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise UserError("bertpre inspect needs matplotlib: pip install matplotlib") from None
+    prepared = PreparedData(path, option="inspect")
+    record = prepared.record
+    counts = token_counts(prepared)
+    special = set(record["tokenizer"]["special_ids"].values())
+    ordinary = np.array([c for i, c in enumerate(counts) if i not in special])
+    unused = int(np.count_nonzero(ordinary == 0))
+    out = Path(plot) if plot else prepared.path / "report.png"
+
+    fig, (lengths, nsp, freq) = plt.subplots(1, 3, figsize=(15, 4.2))
+    hist = record["statistics"]["length_histogram"]
+    edges = hist["bin_edges"]
+    lengths.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", edgecolor="black")
+    lengths.set(title="sequence length", xlabel="tokens", ylabel="pairs (log scale)", yscale="log")
+    names = [n for n, s in record["split_stats"].items() if s["instances"]]
+    not_next = [record["split_stats"][n]["not_next"] for n in names]
+    is_next = [record["split_stats"][n]["instances"] - k for n, k in zip(names, not_next)]
+    nsp.bar(names, is_next, label="IsNext")
+    nsp.bar(names, not_next, bottom=is_next, label="NotNext")
+    for i, (a, b) in enumerate(zip(is_next, not_next)):
+        nsp.text(i, a + b, f"{100 * b / max(a + b, 1):.1f}% NotNext", ha="center", va="bottom")
+    nsp.set(title="next-sentence labels", ylabel="pairs", ylim=(0, 1.2 * max(a + b for a, b in zip(is_next, not_next))))
+    nsp.legend(loc="upper right")
+    ranked = np.sort(ordinary[ordinary > 0])[::-1]
+    freq.loglog(np.arange(1, len(ranked) + 1), ranked)
+    freq.set(title=f"token frequency (train; {unused} of {len(ordinary)} ids unused)", xlabel="rank",
+             ylabel="occurrences")
+    fig.suptitle(str(prepared.path))
+    fig.tight_layout()
+    try:
+        fig.savefig(out, dpi=100)
+    except OSError as e:
+        raise UserError(f"--plot {out}: cannot write ({e.strerror})") from None
+    finally:
+        plt.close(fig)
+
+    top = np.argsort(ordinary)[::-1][:10]
+    vocab = {i: t for t, i in prepared.tokenizer.get_vocab().items()}
+    ordinary_ids = [i for i in range(len(counts)) if i not in special]
+    common = ", ".join(f"{vocab[ordinary_ids[i]]} {ordinary[i]}" for i in top)
+    text = "\n".join([
+        summary(record, prepared.path),
+        f"  vocabulary  {unused} of {len(ordinary)} ordinary ids never used in train; most frequent: {common}",
+        f"  figure      {out}",
+    ])
+    return text, out
