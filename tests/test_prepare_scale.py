@@ -280,3 +280,16 @@ def test_bad_scale_options_are_refused(tmp_path):
         PrepareOptions(inputs=["x"], output=tmp_path, shard_index=3, num_shards=3, tokenizer="t")
     with pytest.raises(UserError, match="--tokenizer-sample-mb must be positive, got 0"):
         PrepareOptions(inputs=["x"], output=tmp_path, tokenizer_sample_mb=0)
+
+
+def test_a_split_written_into_several_files_reads_as_one(sample_prepared, tmp_path, monkeypatch):
+    monkeypatch.setattr(bertpre.prepare, "BLOCK_CHARS", 100_000)  # one record batch per 100k characters
+    one = tmp_path / "one"
+    prepare(PrepareOptions(inputs=[str(SAMPLE)], output=one, tokenizer=str(sample_prepared)))
+    monkeypatch.setattr(bertpre.prepare, "OUTPUT_FILE_BYTES", 200_000)
+    many = tmp_path / "many"
+    prepare(PrepareOptions(inputs=[str(SAMPLE)], output=many, tokenizer=str(sample_prepared)))
+    assert len(PreparedData(one).split_files()["train"]) == 1
+    assert len(PreparedData(many).split_files()["train"]) > 3
+    a, b = PreparedData(one).load_dataset(), PreparedData(many).load_dataset()
+    assert a["train"]["input_ids"] == b["train"]["input_ids"] and len(a["validation"]) == len(b["validation"])
