@@ -24,8 +24,67 @@ from bertpre.prepare import PreparedData
 class ContentSeededCollator(MaskingCollator):
     """Masks each batch with a seed derived from its token ids: the same batch, the same masks."""
 
-    def generator(self, input_ids: np.ndarray) -> np.random.Generator:
+    def generator(self, examples, input_ids: np.ndarray) -> np.random.Generator:
         return np.random.default_rng(zlib.crc32(input_ids.tobytes()))
+
+
+class DrawNumbered(torch.utils.data.Dataset):
+    """A dataset addressed by draw number ``epoch * len + row``: returns the row with its
+    draw number, which seeds its masks (see MaskingCollator)."""
+
+    def __init__(self, rows) -> None:
+        self.rows = rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, draw: int) -> dict:
+        return self.__getitems__([draw])[0]
+
+    def __getitems__(self, draws: list[int]) -> list[dict]:
+        examples = self.rows.__getitems__([d % len(self.rows) for d in draws])
+        for example, draw in zip(examples, draws):
+            example["draw"] = draw
+        return examples
+
+
+class ResumableSampler(DistributedSampler):
+    """The DistributedSampler's rows for this rank as draw numbers (epoch * len + row),
+    optionally starting a number of batches into the epoch (after a resume)."""
+
+    def __init__(self, dataset, batch_size: int, **kwargs) -> None:
+        super().__init__(dataset, **kwargs)
+        self.batch_size = batch_size
+        self.skip_batches = 0
+
+    def __iter__(self):
+        rows = list(super().__iter__())[self.skip_batches * self.batch_size :]
+        self.skip_batches = 0  # only the first pass after a resume starts late
+        offset = self.epoch * len(self.dataset)
+        return iter([offset + row for row in rows])
+
+    def resume(self, epoch: int, batches: int) -> None:
+        self.set_epoch(epoch)
+        self.skip_batches = batches
+
+
+class ResumableLoader(DataLoader):
+    """A training loader whose position (epoch, batches consumed) goes into checkpoints:
+    Lightning saves ``state_dict()`` and calls ``load_state_dict()`` on resume, so a run
+    resumed mid-epoch continues with the next unseen batch."""
+
+    def __init__(self, *args, consumed, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.consumed = consumed  # () -> batches of the current epoch already trained on
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.sampler.epoch, "batches": self.consumed()}
+
+    def load_state_dict(self, state: dict) -> None:
+        epoch, batches = state["epoch"], state["batches"]
+        if batches >= len(self):  # saved at the end of an epoch
+            epoch, batches = epoch + 1, 0
+        self.sampler.resume(epoch, batches)
 
 
 class PretrainDataModule(L.LightningDataModule):
@@ -79,33 +138,51 @@ class PretrainDataModule(L.LightningDataModule):
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", MaskingCollator(self.masker, self.pad_to_multiple_of), shuffle=True)
+        """The sampler is always a DistributedSampler (one replica on a single process): with the
+        same seed, N ranks of batch b see exactly the batches one process of batch N*b sees."""
+        trainer = self.trainer
+        sampler = ResumableSampler(
+            self.splits["train"],
+            batch_size=self.batch_size,
+            num_replicas=trainer.world_size if trainer else 1,
+            rank=trainer.global_rank if trainer else 0,
+            shuffle=True,
+            seed=_seed(),
+            drop_last=True,  # ranks disjoint; the < world_size tail is reshuffled next epoch
+        )
+        return ResumableLoader(
+            DrawNumbered(self.splits["train"].with_format("numpy")),
+            batch_size=self.batch_size,
+            sampler=sampler,
+            drop_last=True,
+            collate_fn=MaskingCollator(self.masker, self.pad_to_multiple_of, seed=_seed()),
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+            pin_memory=torch.cuda.is_available(),
+            consumed=self._batches_consumed,
+        )
+
+    def _batches_consumed(self) -> int:
+        return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0
 
     def val_dataloader(self) -> DataLoader | list:
         if "validation" not in self.splits:  # prepare leaves out an empty split
             return []
-        return self._loader("validation", ContentSeededCollator(self.masker, self.pad_to_multiple_of), shuffle=False)
-
-    def _loader(self, split: str, collator: MaskingCollator, shuffle: bool) -> DataLoader:
-        """A loader whose sampler is always a DistributedSampler (one replica on a single process):
-        with the same seed, N ranks of batch b see exactly the batches one process of batch N*b sees."""
-        dataset = self.splits[split].with_format("numpy")
+        dataset = self.splits["validation"].with_format("numpy")
         trainer = self.trainer
-        sampler = DistributedSampler(
-            dataset,
-            num_replicas=trainer.world_size if trainer else 1,
-            rank=trainer.global_rank if trainer else 0,
-            shuffle=shuffle,
-            seed=int(os.environ.get("PL_GLOBAL_SEED", 0)),
-            drop_last=shuffle,  # training: ranks disjoint (the < world_size tail is reshuffled next epoch)
-        )
+        sampler = DistributedSampler(dataset, num_replicas=trainer.world_size if trainer else 1,
+                                     rank=trainer.global_rank if trainer else 0, shuffle=False)
         return DataLoader(
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            drop_last=shuffle,
-            collate_fn=collator,
+            collate_fn=ContentSeededCollator(self.masker, self.pad_to_multiple_of),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),
         )
+
+
+def _seed() -> int:
+    """The run's seed (set by seed_everything), which the sampler and the masks derive from."""
+    return int(os.environ.get("PL_GLOBAL_SEED", 0))

@@ -102,15 +102,21 @@ class MaskingCollator:
     """Pads a list of examples to the longest (optionally a multiple of ``pad_to_multiple_of``)
     and masks them afresh (dynamic masking), unless they carry stored masks (static masking).
 
-    Randomness comes from torch's generator, which Lightning seeds per process and per loader worker.
+    When examples carry a ``draw`` number (which row, in which epoch: see
+    ``bertpre.data.DrawNumbered``), a batch's masks are a function of ``seed`` and its draw
+    numbers alone: new masks each epoch, yet the same in any process, in any loader worker,
+    and after a resume. Otherwise they come from torch's generator.
     """
 
-    def __init__(self, masker: Masker, pad_to_multiple_of: int | None = None) -> None:
+    def __init__(self, masker: Masker, pad_to_multiple_of: int | None = None, seed: int = 0) -> None:
         self.masker = masker
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.seed = seed
 
-    def generator(self, input_ids: np.ndarray) -> np.random.Generator:
-        """The masking randomness for one padded batch: drawn from torch's generator."""
+    def generator(self, examples: Sequence[Mapping[str, object]], input_ids: np.ndarray) -> np.random.Generator:
+        """The masking randomness for one padded batch."""
+        if "draw" in examples[0]:
+            return np.random.default_rng([self.seed, *(int(e["draw"]) for e in examples)])
         import torch
 
         return np.random.default_rng(int(torch.randint(0, 2**62, (1,))))
@@ -135,7 +141,7 @@ class MaskingCollator:
             for row, example in enumerate(examples):
                 labels[row, np.asarray(example["masked_lm_positions"], dtype=np.int64)] = example["masked_lm_ids"]
         else:
-            rng = self.generator(input_ids)
+            rng = self.generator(examples, input_ids)
             chosen = [self.masker.choose_positions(input_ids[row, :length], rng) for row, length in enumerate(lengths)]
             rows = np.repeat(np.arange(batch), [len(c) for c in chosen])
             cols = np.concatenate(chosen)

@@ -9,16 +9,21 @@ entry with the resolved model config and the tokenizer, so they stand on their o
 from __future__ import annotations
 
 import math
+import os
+import pickle
+import zipfile
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from torchmetrics import MeanMetric
 
 import bertpre
 from bertpre.errors import UserError
+from bertpre.faults import NonFiniteGuard, PreemptionCheckpoint, all_finite, check_free_space, checkpoint_bytes
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig, BertForPretraining
@@ -34,8 +39,13 @@ def read_checkpoint(path: str | Path, key: str = CHECKPOINT_KEY, kind: str = "be
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path}: not found")
+    if not zipfile.is_zipfile(path):
+        raise UserError(f"checkpoint {path}: not a readable checkpoint (not an archive written by torch.save)")
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        raise UserError(f"checkpoint {path}: not a readable checkpoint (it holds objects other than tensors and "
+                        "plain data; such files are never loaded)") from None
     except Exception as e:
         raise UserError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
     if not isinstance(checkpoint, dict) or key not in checkpoint:
@@ -57,6 +67,8 @@ class PretrainModule(L.LightningModule):
         vocab_multiple_of: int = 1,
         compile: bool = False,
         activation_checkpointing: bool = False,
+        nonfinite: str = "skip",
+        max_nonfinite_in_a_row: int = 10,
     ) -> None:
         """
         Args:
@@ -73,6 +85,9 @@ class PretrainModule(L.LightningModule):
             compile: torch.compile the model
             activation_checkpointing: recompute encoder layers in the backward pass (less memory, about
                 a third more compute), for long sequences
+            nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or
+                "stop"s the run; either way it is reported with its step number
+            max_nonfinite_in_a_row: with "skip", stop after this many non-finite steps in a row
         """
         super().__init__()
         if learning_rate <= 0:
@@ -94,11 +109,14 @@ class PretrainModule(L.LightningModule):
         self.vocab_multiple_of = vocab_multiple_of
         self.compile_model = compile
         self.activation_checkpointing = activation_checkpointing
+        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_in_a_row)
+        self.last_loss: torch.Tensor | None = None
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
                                    "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from,
                                    "optimizer": optimizer, "vocab_multiple_of": vocab_multiple_of, "compile": compile,
-                                   "activation_checkpointing": activation_checkpointing})
+                                   "activation_checkpointing": activation_checkpointing, "nonfinite": nonfinite,
+                                   "max_nonfinite_in_a_row": max_nonfinite_in_a_row})
         self.model: BertForPretraining | None = None
         self.tokenizer_json: str | None = None
         self.tokenizer_fingerprint: str | None = None
@@ -151,10 +169,37 @@ class PretrainModule(L.LightningModule):
             raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
 
     def configure_callbacks(self):
-        return [ThroughputLogger()]
+        return [ThroughputLogger(), self.nonfinite_guard, PreemptionCheckpoint()]
+
+    def on_fit_start(self) -> None:
+        """Before any step: the run folder must be writable and hold the checkpoints the run keeps."""
+        trainer = self.trainer
+        if not trainer.is_global_zero:
+            return
+        kept = 1  # the temporary file of an atomic save
+        for callback in trainer.checkpoint_callbacks:
+            top_k = callback.save_top_k
+            if top_k < 0:
+                every = callback._every_n_train_steps or trainer.max_steps
+                top_k = math.ceil(trainer.max_steps / max(every, 1))
+            kept += top_k + (1 if callback.save_last else 0)
+        callback = trainer.checkpoint_callback
+        directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
+            Path(trainer.default_root_dir)
+        optimizer_states = 2 if self.optimizer_name in ("adamw", "lamb") else 1
+        check_free_space(directory, checkpoint_bytes(self.model, optimizer_states), kept, "trainer.default_root_dir")
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        """Dropout's randomness for this step comes from (seed, step, rank) alone, so a resumed
+        run draws exactly what an uninterrupted one would (masks are seeded by the data)."""
+        entropy = [int(os.environ.get("PL_GLOBAL_SEED", 0)), self.trainer.global_step, self.global_rank]
+        torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1))
 
     # --- checkpoints --------------------------------------------------------------------
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if self.model is not None and not all_finite(self.model):
+            raise UserError(f"step {self.trainer.global_step}: the weights are not finite; no checkpoint written "
+                            "(the previous checkpoints hold finite weights)")
         checkpoint[CHECKPOINT_KEY] = {
             "bertpre_version": bertpre.__version__,
             "model_config": asdict(self.config),
@@ -178,6 +223,7 @@ class PretrainModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
+        self.last_loss = out.loss.detach()  # checked with the gradients by NonFiniteGuard
         size = batch["input_ids"].shape[0]
         for name in METRICS:
             self.log(f"train/{name}", getattr(out, name), batch_size=size, prog_bar=name in ("loss", "mlm_accuracy"))

@@ -10,6 +10,8 @@ folder is ``trainer.default_root_dir``: checkpoints go to ``<run>/checkpoints`` 
 from __future__ import annotations
 
 import os
+import signal
+import sys
 import warnings
 from pathlib import Path
 
@@ -17,14 +19,37 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bertpre.data import PretrainDataModule
 from bertpre.errors import UserError
-from bertpre.module import PretrainModule
+from bertpre.faults import (AtomicCheckpointIO, PreemptionCheckpoint, check_checkpoint_file, check_writable,
+                            resolve_ckpt_path)
+from bertpre.module import CHECKPOINT_KEY, PretrainModule, read_checkpoint
 
 
 class BertpreCLI(LightningCLI):
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the hyperparameters of ``ckpt_path`` here (tensors only); a damaged
+        or unsafe file gets bertpre's one-line error instead of a traceback."""
+        try:
+            super()._parse_ckpt_path()
+        except Exception:
+            path = Path(self.config[self.config.subcommand].get("ckpt_path"))
+            check_checkpoint_file(path)
+            read_checkpoint(path, key=self._checkpoint_key(), kind="bertpre")
+            raise
+
+    def _checkpoint_key(self) -> str:
+        if issubclass(self._model_class, PretrainModule):
+            return CHECKPOINT_KEY
+        from bertpre.finetune import TASK_KEY
+
+        return TASK_KEY
+
     def instantiate_trainer(self, **kwargs):
+        root = Path(self._get(self.config_init, "trainer.default_root_dir") or ".")
+        check_writable(root, "trainer.default_root_dir")
         trainer = super().instantiate_trainer(**kwargs)
         root = Path(trainer.default_root_dir)
         if self._get(self.config, "trainer.logger") in (None, True):
@@ -33,7 +58,18 @@ class BertpreCLI(LightningCLI):
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
                 callback.dirpath = str(root / "checkpoints")
+        trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
+
+    def before_fit(self) -> None:
+        """Check the checkpoint to resume from (and resolve ``last-good``) before any work."""
+        callback = self.trainer.checkpoint_callback
+        directory = Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else \
+            Path(self.trainer.default_root_dir) / "checkpoints"
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), directory)
+        if config["ckpt_path"] not in (None, "last"):  # tensors only: nothing in the file runs
+            read_checkpoint(config["ckpt_path"], key=self._checkpoint_key(), kind="bertpre")
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -54,6 +90,9 @@ class BertpreCLI(LightningCLI):
         if shown:
             lines.append("  " + "   ".join(f"{k} {float(metrics[k]):.4f}" for k in shown))
         print("\n".join(lines))
+        code = PreemptionCheckpoint.report()
+        if code is not None:
+            sys.exit(code)
 
 
 def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
@@ -83,3 +122,5 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
         )
     except ArgumentError as e:
         raise UserError(" ".join(str(e).split())) from None
+    except SIGTERMException:  # Lightning stops after the step in which SIGTERM arrived
+        sys.exit(PreemptionCheckpoint.report() or 128 + signal.SIGTERM)

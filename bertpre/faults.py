@@ -1,0 +1,262 @@
+"""Faults during training: atomic checkpoints, resuming from the last good one, preemption
+signals, non-finite steps, and output folders that cannot take the run's checkpoints.
+
+- ``AtomicCheckpointIO`` writes a checkpoint to a temporary file in the same folder,
+  fsyncs it and renames it over the target: a kill at any moment leaves either the old
+  file or the new one, never a truncated one.
+- ``resolve_ckpt_path`` checks the checkpoint a run resumes from (a truncated or corrupt
+  file gets an error naming the newest good one) and understands ``last-good``.
+- ``PreemptionCheckpoint`` saves ``last.ckpt`` after the current step when SIGTERM or
+  SIGUSR1 (what SLURM sends before preemption) arrives, then stops the run.
+- ``NonFiniteGuard`` checks the loss and gradient norm of every step: a non-finite step is
+  reported with its number and skipped (no weight or optimizer update) or stops the run.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import math
+import os
+import shutil
+import signal
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+from bertpre.errors import UserError
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
+        buffer = io.BytesIO()
+        torch.save(checkpoint, buffer)  # serialised first, so that a failed write is a plain OSError
+        try:
+            with open(temporary, "wb") as f:
+                f.write(buffer.getbuffer())
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(temporary, path)
+        except OSError as e:
+            temporary.unlink(missing_ok=True)
+            reason = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
+            raise UserError(f"cannot write checkpoint {path} ({reason}); the previous checkpoints are intact") from None
+        directory = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why ``path`` cannot be a complete checkpoint (None if it can): torch saves a zip
+    archive, whose central directory and member checksums reveal truncation and corruption."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, OSError, EOFError) as e:
+        return f"truncated or not a checkpoint: {e}"
+    except Exception as e:  # zlib / struct errors from a damaged member
+        return f"corrupt: {type(e).__name__}"
+    return f"corrupt: member {bad} fails its checksum" if bad else None
+
+
+def _step_of(path: Path) -> int:
+    digits = path.stem.rsplit("step=", 1)[-1] if "step=" in path.stem else ""
+    return int(digits) if digits.isdigit() else -1
+
+
+def newest_good_checkpoint(directory: Path, exclude: Path | None = None) -> Path | None:
+    """The newest complete checkpoint in ``directory`` (by modification time)."""
+    if not directory.is_dir():
+        return None
+    candidates = sorted((p for p in directory.glob("*.ckpt") if p != exclude),
+                        key=lambda p: (p.stat().st_mtime, _step_of(p)), reverse=True)
+    return next((p for p in candidates if checkpoint_problem(p) is None), None)
+
+
+def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+    """The checkpoint to resume from, checked. ``last``: the newest ``last*.ckpt`` (none yet:
+    start from scratch, as Lightning does); ``last-good``: the newest complete checkpoint."""
+    if ckpt_path is None:
+        return None
+    if ckpt_path == "last-good":
+        good = newest_good_checkpoint(checkpoint_dir)
+        if good is None:
+            raise UserError(f"ckpt_path last-good: no complete checkpoint in {checkpoint_dir}")
+        return str(good)
+    if ckpt_path == "last":
+        lasts = sorted(checkpoint_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() \
+            else []
+        if not lasts:
+            return "last"  # Lightning warns and starts from scratch
+        path = lasts[-1]
+    else:
+        path = Path(ckpt_path)
+        if not path.is_file():
+            raise UserError(f"ckpt_path {ckpt_path}: not found")
+    check_checkpoint_file(path)
+    return str(path)
+
+
+def check_checkpoint_file(path: Path) -> None:
+    """Raise a UserError naming the newest good checkpoint beside ``path`` if ``path`` is damaged."""
+    problem = checkpoint_problem(path)
+    if problem:
+        good = newest_good_checkpoint(path.parent, exclude=path)
+        hint = f"the newest good one is {good} (resume with --ckpt_path last-good)" if good else \
+            "there is no other complete checkpoint there"
+        raise UserError(f"ckpt_path {path}: {problem}; {hint}")
+
+
+def check_writable(directory: Path, option: str) -> None:
+    """Refuse to start when ``directory`` cannot be created or written."""
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+        probe = directory / f".bertpre-write-test-{os.getpid()}"
+        probe.write_bytes(b"x")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"{option} {directory}: cannot write there ({e.strerror})") from None
+
+
+def check_free_space(directory: Path, bytes_per_checkpoint: int, checkpoints: int, option: str) -> None:
+    """Refuse to start when ``directory`` cannot be written or cannot hold the run's checkpoints."""
+    check_writable(directory, option)
+    needed = bytes_per_checkpoint * checkpoints
+    free = shutil.disk_usage(directory).free
+    if free < needed:
+        raise UserError(
+            f"{option} {directory}: {free / 1e6:.0f} MB free, but the run keeps up to {checkpoints} checkpoints of "
+            f"about {bytes_per_checkpoint / 1e6:.0f} MB ({needed / 1e6:.0f} MB); free space or change "
+            f"{option} / save_top_k"
+        )
+
+
+class PreemptionCheckpoint(L.Callback):
+    """On SIGTERM or SIGUSR1: finish the current step, save ``last.ckpt``, stop.
+
+    ``PreemptionCheckpoint.stopped`` keeps the last such stop (signal, checkpoint, step) for
+    the command line, which reports it and exits with 128 + the signal number."""
+
+    stopped: tuple[int, str, int] | None = None
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self.saved: str | None = None
+        self.step: int | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.received = self.saved = None
+        for signum in PREEMPTION_SIGNALS:
+            previous = signal.getsignal(signum)
+
+            def handler(number, frame, previous=previous):
+                self.received = number
+                if number == signal.SIGTERM and callable(previous):
+                    previous(number, frame)  # Lightning's own SIGTERM handling (stops the loops)
+
+            signal.signal(signum, handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        stop = self.received is not None
+        if trainer.world_size > 1:  # every rank stops after the same step
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop and not self.saved:
+            self._save_and_stop(trainer)
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """SIGTERM that arrives after this callback's turn in a step (e.g. while a checkpoint is
+        written) ends the step with Lightning's SIGTERMException, at a step boundary: save then."""
+        if isinstance(exception, SIGTERMException) and not self.saved:
+            self.received = self.received or signal.SIGTERM
+            self._save_and_stop(trainer)
+
+    def _save_and_stop(self, trainer: L.Trainer) -> None:
+        callback = trainer.checkpoint_callback
+        directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
+            Path(trainer.default_root_dir) / "checkpoints"
+        path = directory / "last.ckpt"
+        trainer.save_checkpoint(path)
+        self.saved, self.step = str(path), trainer.global_step
+        PreemptionCheckpoint.stopped = (self.received or signal.SIGTERM, self.saved, self.step)
+        trainer.should_stop = True
+
+    @staticmethod
+    def report() -> int | None:
+        """Print the last preemption stop, if any; returns the exit code for it."""
+        if PreemptionCheckpoint.stopped is None:
+            return None
+        signum, path, step = PreemptionCheckpoint.stopped
+        PreemptionCheckpoint.stopped = None
+        print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}; "
+              f"resume with the same command and --ckpt_path last", flush=True)
+        return 128 + signum
+
+
+class NonFiniteGuard(L.Callback):
+    """Checks each step's loss and gradient norm before the optimizer step (one host sync per
+    step). A non-finite step is reported with its number; with ``action="skip"`` its
+    gradients are dropped, so the optimizer leaves weights and moments as they were, and the
+    run stops after ``max_in_a_row`` such steps in a row; with ``action="stop"`` it stops at once.
+    """
+
+    def __init__(self, action: str = "skip", max_in_a_row: int = 10) -> None:
+        if action not in ("skip", "stop"):
+            raise UserError(f"model.nonfinite must be 'skip' or 'stop', got {action!r}")
+        if max_in_a_row < 1:
+            raise UserError(f"model.max_nonfinite_in_a_row must be at least 1, got {max_in_a_row}")
+        self.action, self.max_in_a_row = action, max_in_a_row
+        self.in_a_row = 0
+        self.skipped: list[int] = []
+        self.loss: torch.Tensor | None = None
+
+    def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        if not grads:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+        loss = getattr(pl_module, "last_loss", None)
+        finite = torch.isfinite(norm) if loss is None else torch.isfinite(norm) & torch.isfinite(loss)
+        if trainer.world_size > 1:
+            finite = torch.tensor(trainer.strategy.reduce_boolean_decision(bool(finite), all=True))
+        if bool(finite):
+            self.in_a_row = 0
+            return
+        step = trainer.global_step + 1
+        parts = [f"loss {float(loss):.4g}"] if loss is not None and not torch.isfinite(loss) else []
+        parts += [f"gradient norm {float(norm):.4g}"] if not torch.isfinite(norm) else []
+        what = f"step {step}: non-finite {' and '.join(parts) or 'values on another rank'}"
+        if self.action == "stop":
+            raise UserError(f"{what}; stopping (model.nonfinite: stop); the last checkpoint holds finite weights")
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                p.grad = None
+        self.in_a_row += 1
+        self.skipped.append(step)
+        if trainer.is_global_zero:
+            print(f"bertpre: {what}; batch skipped ({self.in_a_row} in a row)", flush=True)
+        if self.in_a_row >= self.max_in_a_row:
+            raise UserError(f"{what}; {self.in_a_row} non-finite steps in a row: the run has diverged "
+                            f"(lower model.learning_rate or raise warmup); the last checkpoint holds finite weights")
+
+
+def all_finite(module: torch.nn.Module) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in module.parameters())
+
+
+def checkpoint_bytes(module: torch.nn.Module, optimizer_states_per_parameter: int = 2) -> int:
+    """About the size of a training checkpoint: weights plus the optimizer's moments."""
+    parameters = sum(p.numel() * p.element_size() for p in module.parameters())
+    return math.ceil(parameters * (1 + optimizer_states_per_parameter) * 1.05)
