@@ -18,6 +18,7 @@ from __future__ import annotations
 import collections
 import contextlib
 import ctypes
+import errno
 import json
 import math
 import multiprocessing
@@ -328,8 +329,12 @@ def processed_blocks(blocks: Iterator[TextBlock], tokenizer: Tokenizer, options:
             yield processor(block)
             _release_freed_memory()
         return
+    # forkserver: workers fork from a fresh single-threaded server, never from this process,
+    # whose threads (Arrow's, the tokenizer's, torch's in a notebook) may hold locks at fork time.
     methods = multiprocessing.get_all_start_methods()
-    context = multiprocessing.get_context("fork" if "fork" in methods else "spawn")
+    context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
+    if "forkserver" in methods:
+        context.set_forkserver_preload(["bertpre.prepare"])
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
     try:
@@ -434,6 +439,12 @@ def staged_output(output: Path, overwrite: bool, option: str = "--output") -> It
         if output.exists():
             output.rename(previous)
         staging.rename(output)
+    except OSError as e:
+        shutil.rmtree(staging, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
+            raise UserError(f"{option} {output}: disk full while writing ({os.strerror(e.errno)}); nothing was written") \
+                from None
+        raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
@@ -584,6 +595,11 @@ def summary(record: dict, output: Path) -> str:
         warnings.append("the validation split has one document, so its NotNext partners come from that same "
                         "document: val/nsp_accuracy then measures a harder task than training does "
                         "(more documents, e.g. with --doc-separator, avoid this)")
+    nsp_probability = record["options"]["pairs"]["nsp_probability"]
+    if s["not_next_fraction"] > nsp_probability + 0.1:
+        warnings.append(f"{100 * s['not_next_fraction']:.1f}% of pairs are NotNext, not {100 * nsp_probability:.0f}%: "
+                        "most chunks hold one sentence (documents of one sentence, or sentences longer than "
+                        "--max-seq-length), and a one-sentence chunk always gets a random B")
     if s.get("skipped_files"):
         warnings.append(f"{len(s['skipped_files'])} unreadable files were skipped (listed in prepare.json)")
     if s["invalid_utf8_bytes"]:
