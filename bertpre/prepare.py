@@ -625,7 +625,7 @@ class PreparedData:
     """A folder written by ``bertpre prepare`` (or ``bertpre combine``): its record and tokenizer."""
 
     def __init__(self, path: str | Path, option: str = "data.path") -> None:
-        self.path = Path(path)
+        self.path, self.option = Path(path), option
         record_path = self.path / "prepare.json"
         if not self.path.is_dir():
             raise UserError(f"{option} {self.path}: not found (run `bertpre prepare --output {self.path}` first)")
@@ -659,7 +659,7 @@ class PreparedData:
 
         files = self.split_files()
         if not files["train"]:
-            raise UserError(f"data.path {self.path}: dataset/train-*.arrow missing; run `bertpre prepare` again")
+            raise UserError(f"{self.option} {self.path}: dataset/train-*.arrow missing; run `bertpre prepare` again")
         info = datasets.DatasetInfo(features=dataset_features(self.record["static_masking"]))
         splits = {}
         for name, paths in files.items():
@@ -667,7 +667,7 @@ class PreparedData:
                 try:
                     parts = [datasets.Dataset.from_file(str(p), info=info) for p in paths]
                 except (OSError, pa.ArrowInvalid) as e:
-                    raise UserError(f"data.path {self.path}: cannot read {name} data ({e})") from None
+                    raise UserError(f"{self.option} {self.path}: cannot read {name} data ({e})") from None
                 splits[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         return datasets.DatasetDict(splits)
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SAMPLE
+from conftest import ROOT
 
 from bertpre.cli import main
 
