@@ -87,8 +87,10 @@ def newest_good_checkpoint(directory: Path, exclude: Path | None = None) -> Path
 
 
 def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
-    """The checkpoint to resume from, checked. ``last``: the newest ``last*.ckpt`` (none yet:
-    start from scratch, as Lightning does); ``last-good``: the newest complete checkpoint."""
+    """The checkpoint to resume from, checked. ``last``: the newest checkpoint in
+    ``checkpoint_dir`` (normally last.ckpt; a newer step file if the run died between the
+    two saves; none yet: start from scratch, as Lightning does); ``last-good``: the newest
+    complete one, skipping damaged files."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last-good":
@@ -97,11 +99,11 @@ def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None
             raise UserError(f"ckpt_path last-good: no complete checkpoint in {checkpoint_dir}")
         return str(good)
     if ckpt_path == "last":
-        lasts = sorted(checkpoint_dir.glob("last*.ckpt"), key=lambda p: p.stat().st_mtime) if checkpoint_dir.is_dir() \
-            else []
-        if not lasts:
+        candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt")) \
+            if checkpoint_dir.is_dir() else []
+        if not candidates:
             return "last"  # Lightning warns and starts from scratch
-        path = lasts[-1]
+        path = candidates[-1]
     else:
         path = Path(ckpt_path)
         if not path.is_file():
