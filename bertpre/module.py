@@ -180,7 +180,7 @@ class PretrainModule(L.LightningModule):
         for callback in trainer.checkpoint_callbacks:
             top_k = callback.save_top_k
             if top_k < 0:
-                every = callback._every_n_train_steps or trainer.max_steps
+                every = getattr(callback, "_every_n_train_steps", 0) or trainer.max_steps
                 top_k = math.ceil(trainer.max_steps / max(every, 1))
             kept += top_k + (1 if callback.save_last else 0)
         callback = trainer.checkpoint_callback

@@ -25,6 +25,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import signal
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
@@ -310,6 +311,7 @@ _processor: BlockProcessor | None = None  # one per worker process
 
 def _start_worker(tokenizer_json: str, options: PrepareOptions) -> None:
     global _processor
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle (it ends the pool)
     _processor = BlockProcessor(Tokenizer.from_str(tokenizer_json), options)
 
 
