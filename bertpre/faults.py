@@ -190,7 +190,7 @@ class PreemptionCheckpoint(L.Callback):
         directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
             Path(trainer.default_root_dir) / "checkpoints"
         path = directory / "last.ckpt"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the full training state
         self.saved, self.step = str(path), trainer.global_step
         PreemptionCheckpoint.stopped = (self.received or signal.SIGTERM, self.saved, self.step)
         trainer.should_stop = True
