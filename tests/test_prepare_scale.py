@@ -16,7 +16,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from conftest import SAMPLE, WIKITEXT, gutenberg_books
+from conftest import ROOT, SAMPLE, WIKITEXT, gutenberg_books
 from tokenizers import Tokenizer, pre_tokenizers
 
 import bertpre.prepare
@@ -293,3 +293,14 @@ def test_a_split_written_into_several_files_reads_as_one(sample_prepared, tmp_pa
     assert len(PreparedData(many).split_files()["train"]) > 3
     a, b = PreparedData(one).load_dataset(), PreparedData(many).load_dataset()
     assert a["train"]["input_ids"] == b["train"]["input_ids"] and len(a["validation"]) == len(b["validation"])
+
+
+def test_the_prepare_benchmark_runs(tmp_path):
+    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "bench_prepare.py"), "--corpus", str(SAMPLE),
+                           "--repeat", "2", "--num-proc", "1", "--vocab-size", "1000", "--json",
+                           str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "bench.json").read_text())
+    assert results["input_bytes"]["2x"] > results["input_bytes"]["1x"] > 0
+    for name in ("prepare lines 1x --num-proc 1", "prepare lines 2x --num-proc 1", "prepare prose 1x --num-proc 1"):
+        assert results[name]["mb_per_s"] > 0 and results[name]["peak_pss_mb"] > 0, name
