@@ -291,3 +291,56 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(sample_prepared, tmp_path
         err = capsys.readouterr().err.strip().splitlines()[-1]
         assert err.startswith(f"bertpre {argv[0]}: error: ") and "not a readable checkpoint" in err, (argv, err)
     assert not Exploit.marker.exists(), "no code from a checkpoint ran"
+
+
+def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_path):
+    import lightning as L
+    from conftest import SAMPLE
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from bertpre.data import PretrainDataModule
+    from bertpre.model import BertConfig
+    from bertpre.module import PretrainModule
+    from bertpre.pairs import PairOptions
+    from bertpre.prepare import PreparedData, PrepareOptions, prepare
+
+    corpus = tmp_path / "small.txt"
+    corpus.write_text("".join((SAMPLE / "carroll-alice.txt").read_text(errors="replace").splitlines(True)[:400]))
+    data = tmp_path / "data"
+    prepare(PrepareOptions(inputs=[str(corpus)], output=data, tokenizer=str(sample_prepared),
+                           pairs=PairOptions(max_seq_length=64), validation_fraction=0))
+    per_epoch = len(PreparedData(data).load_dataset()["train"]) // 8
+    assert per_epoch >= 3
+
+    class Stop(Exception):
+        pass
+
+    def run(root: Path, stop_at: int | None = None, ckpt_path: str | None = None) -> dict[int, float]:
+        losses: dict[int, float] = {}
+
+        class Record(L.Callback):
+            def on_train_batch_start(self, trainer, module, batch, batch_idx):
+                if trainer.global_step == stop_at:
+                    raise Stop  # dies right after the checkpoint of the epoch's last step
+
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                losses[trainer.global_step] = float(outputs["loss"])
+
+        L.seed_everything(1234)
+        module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                                learning_rate=1e-3)
+        trainer = L.Trainer(max_steps=3 * per_epoch, logger=False, enable_progress_bar=False, default_root_dir=root,
+                            limit_val_batches=0, callbacks=[Record(), ModelCheckpoint(
+                                dirpath=root / "checkpoints", every_n_train_steps=per_epoch, save_last=True)])
+        try:
+            trainer.fit(module, PretrainDataModule(str(data), batch_size=8, num_workers=0), ckpt_path=ckpt_path)
+        except Stop:
+            pass
+        return losses
+
+    uninterrupted = run(tmp_path / "a")
+    run(tmp_path / "b", stop_at=2 * per_epoch)
+    assert step_of(tmp_path / "b" / "checkpoints" / "last.ckpt") == 2 * per_epoch
+    resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
+    assert sorted(resumed) == list(range(2 * per_epoch + 1, 3 * per_epoch + 1)), "one more epoch, no batch twice"
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-6 for s in resumed)
