@@ -94,7 +94,8 @@ def prepare_parser() -> argparse.ArgumentParser:
 
 def run_prepare(argv: Sequence[str]) -> None:
     from bertpre.pairs import PairOptions
-    from bertpre.prepare import PrepareOptions, prepare, summary
+    from bertpre.prepare import PrepareOptions, prepare
+    from bertpre.prepared import summary
 
     args = prepare_parser().parse_args(argv)
     options = PrepareOptions(
@@ -141,7 +142,7 @@ def run_tokenizer(argv: Sequence[str]) -> None:
 
 
 def run_combine(argv: Sequence[str]) -> None:
-    from bertpre.prepare import combine, summary
+    from bertpre.prepared import combine, summary
 
     p = argparse.ArgumentParser(prog="bertpre combine",
                                 description="Join the outputs of `bertpre prepare --shard-index i --num-shards k` "

@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bertpre.errors import UserError
 from bertpre.masking import Masker, MaskingCollator, default_max_predictions
-from bertpre.prepare import PreparedData
+from bertpre.prepared import PreparedData
 
 
 class ContentSeededCollator(MaskingCollator):

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bertpre.errors import UserError
-from bertpre.prepare import PreparedData, summary
+from bertpre.prepared import PreparedData, summary
 
 
 def token_counts(prepared: PreparedData, split: str = "train", batch_rows: int = 65_536) -> np.ndarray:

@@ -23,8 +23,13 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bertpre.data import PretrainDataModule
 from bertpre.errors import UserError
-from bertpre.faults import (AtomicCheckpointIO, PreemptionCheckpoint, check_checkpoint_file, check_writable,
-                            resolve_ckpt_path)
+from bertpre.faults import (
+    AtomicCheckpointIO,
+    PreemptionCheckpoint,
+    check_checkpoint_file,
+    check_writable,
+    resolve_ckpt_path,
+)
 from bertpre.module import CHECKPOINT_KEY, PretrainModule, read_checkpoint
 
 

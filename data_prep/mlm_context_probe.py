@@ -19,7 +19,7 @@ from bertpre.data import ContentSeededCollator
 from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
 from bertpre.model import BertConfig, BertForPretraining
 from bertpre.module import CHECKPOINT_KEY, read_checkpoint
-from bertpre.prepare import PreparedData
+from bertpre.prepared import PreparedData
 
 
 def main() -> None:

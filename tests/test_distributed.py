@@ -16,7 +16,7 @@ from conftest import ROOT, SAMPLE
 from bertpre.data import PretrainDataModule
 from bertpre.export import export_checkpoint
 from bertpre.module import read_checkpoint
-from bertpre.prepare import PreparedData
+from bertpre.prepared import PreparedData
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 

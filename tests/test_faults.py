@@ -175,8 +175,8 @@ def test_a_non_finite_step_is_reported_and_skipped(sample_prepared, tmp_path, ca
     import lightning as L
 
     from bertpre.data import PretrainDataModule
-    from bertpre.module import PretrainModule
     from bertpre.model import BertConfig
+    from bertpre.module import PretrainModule
 
     class Poison(L.Callback):
         def on_after_backward(self, trainer, module):
@@ -302,7 +302,8 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
     from bertpre.model import BertConfig
     from bertpre.module import PretrainModule
     from bertpre.pairs import PairOptions
-    from bertpre.prepare import PreparedData, PrepareOptions, prepare
+    from bertpre.prepare import PrepareOptions, prepare
+    from bertpre.prepared import PreparedData
 
     corpus = tmp_path / "small.txt"
     corpus.write_text("".join((SAMPLE / "carroll-alice.txt").read_text(errors="replace").splitlines(True)[:400]))

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
-from bertpre.prepare import PreparedData
+from bertpre.prepared import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 

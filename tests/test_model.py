@@ -8,7 +8,7 @@ from bertpre.hf import from_hf_state_dict, hf_config, to_hf_state_dict
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
 from bertpre.model import PRESETS, BertConfig, BertForPretraining
-from bertpre.prepare import PreparedData
+from bertpre.prepared import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")

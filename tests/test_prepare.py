@@ -8,7 +8,8 @@ from conftest import SAMPLE
 
 from bertpre.errors import UserError
 from bertpre.pairs import PairOptions
-from bertpre.prepare import PreparedData, PrepareOptions, is_validation_document, prepare
+from bertpre.prepare import PrepareOptions, is_validation_document, prepare
+from bertpre.prepared import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 

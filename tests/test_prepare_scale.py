@@ -20,10 +20,12 @@ from conftest import ROOT, SAMPLE, WIKITEXT, gutenberg_books
 from tokenizers import Tokenizer, pre_tokenizers
 
 import bertpre.prepare
+import bertpre.prepared
 from bertpre.cli import main
 from bertpre.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
 from bertpre.errors import UserError
-from bertpre.prepare import PreparedData, PrepareOptions, prepare, tokenizer_sample
+from bertpre.prepare import PrepareOptions, prepare, tokenizer_sample
+from bertpre.prepared import PreparedData
 from bertpre.tokenizer import (
     _DELETED_WHITESPACE,
     SentenceEncoder,
@@ -129,7 +131,7 @@ def test_shards_combine_into_one_training_folder(gutenberg_prepared, tmp_path, c
     other = tmp_path / "other-vocab"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=other, vocab_size=500))
     with pytest.raises(UserError, match=r"shard .*other-vocab: tokenizer differs from .*shard0"):
-        bertpre.prepare.combine([str(shards[0]), str(other)], tmp_path / "bad")
+        bertpre.prepared.combine([str(shards[0]), str(other)], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     with pytest.raises(UserError, match="--num-shards needs --tokenizer"):
         PrepareOptions(inputs=books, output=tmp_path / "x", num_shards=2, shard_index=1)
@@ -286,7 +288,7 @@ def test_a_split_written_into_several_files_reads_as_one(sample_prepared, tmp_pa
     monkeypatch.setattr(bertpre.prepare, "BLOCK_CHARS", 100_000)  # one record batch per 100k characters
     one = tmp_path / "one"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=one, tokenizer=str(sample_prepared)))
-    monkeypatch.setattr(bertpre.prepare, "OUTPUT_FILE_BYTES", 200_000)
+    monkeypatch.setattr(bertpre.prepared, "OUTPUT_FILE_BYTES", 200_000)
     many = tmp_path / "many"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=many, tokenizer=str(sample_prepared)))
     assert len(PreparedData(one).split_files()["train"]) == 1
