@@ -10,6 +10,7 @@ folder is ``trainer.default_root_dir``: checkpoints go to ``<run>/checkpoints`` 
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import sys
 import warnings
@@ -73,8 +74,7 @@ class BertpreCLI(LightningCLI):
             Path(self.trainer.default_root_dir) / "checkpoints"
         config = self.config_init[self.subcommand]
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), directory)
-        if config["ckpt_path"] not in (None, "last"):  # tensors only: nothing in the file runs
-            read_checkpoint(config["ckpt_path"], key=self._checkpoint_key(), kind="bertpre")
+        config["weights_only"] = True  # Lightning restores tensors and plain data only: nothing in the file runs
 
     def after_fit(self) -> None:
         trainer = self.trainer
@@ -127,5 +127,8 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
         )
     except ArgumentError as e:
         raise UserError(" ".join(str(e).split())) from None
+    except pickle.UnpicklingError:  # a resumed checkpoint that holds more than tensors and plain data
+        raise UserError("ckpt_path: not a readable checkpoint (it holds objects other than tensors and plain data; "
+                        "such files are never loaded)") from None
     except SIGTERMException:  # Lightning stops after the step in which SIGTERM arrived
         sys.exit(PreemptionCheckpoint.report() or 128 + signal.SIGTERM)

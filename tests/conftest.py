@@ -43,3 +43,15 @@ def sample_prepared(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("sample") / "prepared"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=out, vocab_size=2000, pairs=PairOptions(max_seq_length=64)))
     return out
+
+
+@pytest.fixture(scope="session")
+def sample_checkpoint(sample_prepared, tmp_path_factory) -> Path:
+    """A bert-tiny checkpoint after 10 steps on the bundled sample."""
+    from bertpre.cli import main
+
+    run = tmp_path_factory.mktemp("pretrained")
+    main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+          "--trainer.default_root_dir", str(run), "--trainer.max_steps", "10", "--trainer.enable_progress_bar",
+          "false", "--trainer.limit_val_batches", "0"])
+    return run / "checkpoints" / "last.ckpt"

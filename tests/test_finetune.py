@@ -16,11 +16,8 @@ SST2 = SHARED_DATA / "tasks" / "sst2"
 
 
 @pytest.fixture(scope="module")
-def pretrained(sample_prepared, tmp_path_factory) -> Path:
-    run = tmp_path_factory.mktemp("pretrained")
-    main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
-          "--trainer.max_steps", "10", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0"])
-    return run / "checkpoints" / "last.ckpt"
+def pretrained(sample_checkpoint) -> Path:
+    return sample_checkpoint
 
 
 @pytest.fixture(scope="module")
