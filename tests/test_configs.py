@@ -13,7 +13,7 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.star
 
 def test_the_expected_configs_ship():
     names = {p.stem for p in CONFIGS}
-    assert set(PRESETS) | {"bert-base-phase2", "bert-large-multinode"} == names
+    assert set(PRESETS) | {"bert-base-phase2", "bert-large-multinode", "bert-mini-cpu"} == names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -22,7 +22,7 @@ def test_every_shipped_config_parses_and_matches_its_preset(path, tmp_path):
                      args=["--config", str(path), "--trainer.default_root_dir", str(tmp_path)])
     model = cli.model
     assert isinstance(model, PretrainModule) and isinstance(cli.datamodule, PretrainDataModule)
-    preset = PRESETS[path.stem.removesuffix("-phase2").removesuffix("-multinode")]
+    preset = PRESETS[path.stem.removesuffix("-phase2").removesuffix("-multinode").removesuffix("-cpu")]
     assert replace(model.config, vocab_size=None) == preset
     assert cli.trainer.max_steps > 0
     assert 0 < model.learning_rate <= (6e-3 if model.optimizer_name == "lamb" else 1e-3)
