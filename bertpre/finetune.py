@@ -28,6 +28,7 @@ from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, M
 import bertpre
 from bertpre.errors import UserError
 from bertpre.export import load_pretrained
+from bertpre.faults import NonFiniteGuard
 from bertpre.model import BertConfig, BertForPretraining
 from bertpre.module import read_checkpoint
 from bertpre.optim import build_optimizer
@@ -200,6 +201,8 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         classifier_dropout: float = 0.1,
+        nonfinite: str = "skip",
+        max_nonfinite_in_a_row: int = 10,
     ) -> None:
         """
         Args:
@@ -209,6 +212,9 @@ class ClassifierModule(L.LightningModule):
             weight_decay: AdamW weight decay (not on biases and LayerNorm)
             warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
             classifier_dropout: dropout before the classification layer
+            nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or
+                makes the run "stop"
+            max_nonfinite_in_a_row: with "skip", stop after this many non-finite steps in a row
         """
         super().__init__()
         self.save_hyperparameters()
@@ -221,6 +227,10 @@ class ClassifierModule(L.LightningModule):
         self.dropout = torch.nn.Dropout(classifier_dropout)
         self.classifier: torch.nn.Linear | None = None
         self.labels: list[str] | None = None
+        self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_in_a_row)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.nonfinite_guard]
 
     def setup(self, stage: str) -> None:
         if self.classifier is None:
@@ -245,6 +255,7 @@ class ClassifierModule(L.LightningModule):
     def training_step(self, batch, batch_idx):
         logits = self(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         loss = F.cross_entropy(logits, batch["labels"])
+        self.last_loss = loss.detach()  # checked with the gradients by NonFiniteGuard
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 

@@ -104,3 +104,34 @@ def test_training_subset_is_seeded_and_sized(sst2_slice):
     assert len(first) == 100 and first == again and first != other
     assert [rows.index(r) for r in first] == sorted(rows.index(r) for r in first), "file order kept"
     assert sample_rows(rows, 10_000, 0) == rows
+
+
+def test_a_non_finite_fine_tuning_step_is_skipped(pretrained, sst2_slice, tmp_path, capsys):
+    import lightning as L
+
+    from bertpre.finetune import TaskDataModule
+
+    class Poison(L.Callback):
+        def on_after_backward(self, trainer, module):
+            if trainer.global_step == 3 and not hasattr(self, "before"):
+                self.before = {k: v.clone() for k, v in module.state_dict().items()}
+                module.classifier.weight.grad.view(-1)[0] = float("inf")
+
+        def on_train_batch_end(self, trainer, module, *args):
+            if hasattr(self, "before") and not hasattr(self, "after"):
+                self.after = {k: v.clone() for k, v in module.state_dict().items()}
+
+    poison = Poison()
+    module = ClassifierModule(str(pretrained), learning_rate=1e-4)
+    data = TaskDataModule(str(sst2_slice / "train.tsv"), str(sst2_slice / "dev.tsv"),
+                          text_column=["sentence", "content"], batch_size=64)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, callbacks=[poison], logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    trainer.fit(module, data)
+    assert "bertpre: step 4: non-finite gradient norm inf; batch skipped (1 in a row)" in capsys.readouterr().out
+    assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before), "no update at the bad step"
+    assert module.nonfinite_guard.skipped == [4] and trainer.global_step == 6
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+    with pytest.raises(UserError, match="model.nonfinite must be 'skip' or 'stop'"):
+        ClassifierModule(str(pretrained), nonfinite="ignore")
