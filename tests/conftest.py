@@ -55,3 +55,25 @@ def sample_checkpoint(sample_prepared, tmp_path_factory) -> Path:
           "--trainer.default_root_dir", str(run), "--trainer.max_steps", "10", "--trainer.enable_progress_bar",
           "false", "--trainer.limit_val_batches", "0"])
     return run / "checkpoints" / "last.ckpt"
+
+
+def gradient_poison(step: int, parameter, value: float):
+    """A callback that writes ``value`` into one gradient entry of ``parameter(module)`` after
+    the backward pass of ``step`` (0-based) and keeps the module's state before and after
+    that step's optimizer step in ``.before`` / ``.after``."""
+    import lightning as L
+
+    class GradientPoison(L.Callback):
+        before: dict | None = None
+        after: dict | None = None
+
+        def on_after_backward(self, trainer, module):
+            if trainer.global_step == step and self.before is None:
+                self.before = {k: v.clone() for k, v in module.state_dict().items()}
+                parameter(module).grad.view(-1)[0] = value
+
+        def on_train_batch_end(self, trainer, module, *args):
+            if self.before is not None and self.after is None:
+                self.after = {k: v.clone() for k, v in module.state_dict().items()}
+
+    return GradientPoison()

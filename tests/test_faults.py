@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import ROOT
+from conftest import ROOT, gradient_poison
 
 from bertpre.cli import main
 from bertpre.faults import checkpoint_problem
@@ -178,17 +178,7 @@ def test_a_non_finite_step_is_reported_and_skipped(sample_prepared, tmp_path, ca
     from bertpre.model import BertConfig
     from bertpre.module import PretrainModule
 
-    class Poison(L.Callback):
-        def on_after_backward(self, trainer, module):
-            if trainer.global_step == 5 and not hasattr(self, "before"):
-                self.before = {k: v.clone() for k, v in module.model.state_dict().items()}
-                next(module.model.parameters()).grad.view(-1)[0] = float("nan")
-
-        def on_train_batch_end(self, trainer, module, *args):
-            if hasattr(self, "before") and not hasattr(self, "after"):
-                self.after = {k: v.clone() for k, v in module.model.state_dict().items()}
-
-    poison = Poison()
+    poison = gradient_poison(5, lambda module: next(module.model.parameters()), float("nan"))
     module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
     trainer = L.Trainer(max_steps=10, callbacks=[poison], logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
@@ -247,7 +237,7 @@ def _limit_file_size(limit: int):
 def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error(sample_prepared, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path, sample_prepared, run, workers=0)
-    code, out, err = finish(train(config, preexec_fn=_limit_file_size(1_000_000)))
+    code, _out, err = finish(train(config, preexec_fn=_limit_file_size(1_000_000)))
     assert code == 2, err[-3000:]
     assert err.strip().splitlines()[-1] == (f"bertpre train: error: cannot write checkpoint {run}/checkpoints/"
                                             f"epoch=0-step={CHECKPOINT_EVERY}.ckpt (disk full); the previous "

@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, SHARED_DATA
+from conftest import ROOT, SHARED_DATA, gradient_poison
 
 from bertpre.cli import main
 from bertpre.errors import UserError
@@ -111,17 +111,7 @@ def test_a_non_finite_fine_tuning_step_is_skipped(pretrained, sst2_slice, tmp_pa
 
     from bertpre.finetune import TaskDataModule
 
-    class Poison(L.Callback):
-        def on_after_backward(self, trainer, module):
-            if trainer.global_step == 3 and not hasattr(self, "before"):
-                self.before = {k: v.clone() for k, v in module.state_dict().items()}
-                module.classifier.weight.grad.view(-1)[0] = float("inf")
-
-        def on_train_batch_end(self, trainer, module, *args):
-            if hasattr(self, "before") and not hasattr(self, "after"):
-                self.after = {k: v.clone() for k, v in module.state_dict().items()}
-
-    poison = Poison()
+    poison = gradient_poison(3, lambda module: module.classifier.weight, float("inf"))
     module = ClassifierModule(str(pretrained), learning_rate=1e-4)
     data = TaskDataModule(str(sst2_slice / "train.tsv"), str(sst2_slice / "dev.tsv"),
                           text_column=["sentence", "content"], batch_size=64)
