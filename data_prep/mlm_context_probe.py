@@ -5,17 +5,21 @@ they are, and with every unmasked ordinary token replaced by a random one.
 
 A model that has learned only which tokens are frequent scores about the same on both; the
 gap is what it gets from context (what fine-tuning can build on). Also printed: the accuracy
-of always predicting the most frequent masked token.
+of always predicting the most frequent masked token, and the perplexity of the masked tokens'
+own unigram distribution (the best a model that ignores context can do), and the geometry
+of the word embeddings (early in training they line up along word frequency).
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 
 import numpy as np
 import torch
 
 from bertpre.data import ContentSeededCollator
+from bertpre.errors import UserError
 from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
 from bertpre.model import BertConfig, BertForPretraining
 from bertpre.module import CHECKPOINT_KEY, read_checkpoint
@@ -40,6 +44,7 @@ def main() -> None:
     rows = prepared.load_dataset()["validation"].with_format("numpy")
     rng = np.random.default_rng(0)
     correct = {"context": 0, "random context": 0}
+    nll = {"context": 0.0, "random context": 0.0}
     counts = np.zeros(prepared.vocab_size, dtype=np.int64)
     total = 0
     for b in range(args.batches):
@@ -57,12 +62,45 @@ def main() -> None:
             with torch.no_grad():
                 logits, _ = model(ids, batch["token_type_ids"], batch["attention_mask"], predict=predict)
             correct[name] += int((logits.argmax(-1) == targets).sum())
+            nll[name] += float(torch.nn.functional.cross_entropy(logits.float(), targets, reduction="sum"))
         counts += np.bincount(targets.numpy(), minlength=prepared.vocab_size)[: prepared.vocab_size]
         total += len(targets)
     for name, right in correct.items():
-        print(f"MLM accuracy, {name:<15} {right / total:.4f}")
+        print(f"MLM accuracy, {name:<15} {right / total:.4f}   perplexity {np.exp(nll[name] / total):.1f}")
+    frequency = counts[counts > 0] / total
+    unigram_perplexity = np.exp(-(frequency * np.log(frequency)).sum())
     print(f"most frequent token        {counts.max() / total:.4f}   ({total} masked tokens)")
+    print(f"unigram perplexity         {unigram_perplexity:.1f}   (the masked tokens' own frequencies: "
+          "a model that knows only which tokens are common)")
+    print_embedding_geometry(model, prepared, masker)
+
+
+def print_embedding_geometry(model: BertForPretraining, prepared: PreparedData, masker: Masker,
+                             rows: int = 20_000, pairs: int = 20_000) -> None:
+    """How alike the word embeddings are (mean cosine of random pairs of ordinary tokens: 0 at
+    random initialisation), the share of their variance along the first principal direction,
+    and how that direction correlates with the tokens' log frequency in the training split."""
+    train = prepared.load_dataset()["train"]
+    sample = train.select(range(0, len(train), max(1, len(train) // rows)))
+    counts = np.zeros(prepared.vocab_size, dtype=np.int64)
+    for ids in sample.with_format("numpy")["input_ids"]:
+        counts += np.bincount(ids, minlength=prepared.vocab_size)[: prepared.vocab_size]
+    ordinary = torch.from_numpy(masker.random_pool)
+    embeddings = model.embeddings.word.weight.detach().float()[ordinary]  # (V', H)
+    unit = embeddings / embeddings.norm(dim=1, keepdim=True)
+    generator = torch.Generator().manual_seed(0)
+    a, b = (torch.randint(0, len(ordinary), (pairs,), generator=generator) for _ in range(2))
+    mean_cosine = float((unit[a] * unit[b]).sum(1).mean())
+    centred = embeddings - embeddings.mean(0)
+    u, s, _ = torch.linalg.svd(centred, full_matrices=False)
+    share = float(s[0] ** 2 / (s**2).sum())
+    correlation = np.corrcoef(u[:, 0].numpy(), np.log1p(counts[masker.random_pool]))[0, 1]
+    print(f"word embeddings            mean cosine {mean_cosine:+.3f}   first principal direction: "
+          f"{share:.1%} of the variance, correlation with log frequency {correlation:+.2f}")
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except UserError as e:
+        sys.exit(f"error: {e}")

@@ -1,0 +1,68 @@
+"""The diagnostic scripts behind the README's "Does pretraining help?" figures."""
+
+import importlib.util
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, SHARED_DATA
+
+SST2 = SHARED_DATA / "tasks" / "sst2"
+
+
+def load_script(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / "data_prep" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def run_script(name: str, *args: str) -> str:
+    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / f"{name}.py"), *args],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_logistic_regression_separates_what_is_separable_and_not_noise():
+    probe = load_script("linear_probe")
+    generator = torch.Generator().manual_seed(0)
+    x = torch.randn(800, 16, generator=generator)
+    direction = torch.randn(16, generator=generator)
+    y = (x @ direction > 0).long()
+    assert probe.logistic_regression_accuracy(x[:600], y[:600], x[600:], y[600:], c=1.0) >= 0.95
+    noise = torch.randint(0, 2, (800,), generator=generator)
+    assert abs(probe.logistic_regression_accuracy(x[:600], noise[:600], x[600:], noise[600:], c=0.1) - 0.5) < 0.12
+
+
+def test_linear_probe_script_reports_each_feature(sample_checkpoint, tmp_path):
+    if not SST2.is_dir():
+        pytest.skip("../shared/data is not present")
+    (tmp_path / "train.tsv").write_text("".join((SST2 / "train.tsv").read_text().splitlines(True)[:301]))
+    (tmp_path / "dev.tsv").write_text("".join((SST2 / "dev.tsv").read_text().splitlines(True)[:101]))
+    out = run_script("linear_probe", str(sample_checkpoint), str(tmp_path / "train.tsv"), str(tmp_path / "dev.tsv"),
+                     "--train-examples", "200", "--random-init")
+    found = re.findall(r"random init  200 examples  (.+?) +validation accuracy (\d\.\d+)", out)
+    assert [name for name, _ in found] == ["cls", "pooled", "mean hidden", "mean embedding"], out
+    assert all(0.0 <= float(accuracy) <= 1.0 for _, accuracy in found)
+
+
+def test_context_probe_script_reports_both_accuracies(sample_checkpoint, sample_prepared):
+    out = run_script("mlm_context_probe", str(sample_checkpoint), str(sample_prepared), "--batches", "2")
+    accuracies = dict(re.findall(r"MLM accuracy, (context|random context) +(\d\.\d+)   perplexity \d+", out))
+    assert set(accuracies) == {"context", "random context"}, out
+    assert re.search(r"most frequent token +\d\.\d+ +\(\d+ masked tokens\)", out), out
+    assert re.search(r"unigram perplexity +\d+\.\d", out), out
+    assert re.search(r"mean cosine [+-]\d\.\d{3} .* correlation with log frequency [+-]\d\.\d\d", out), out
+
+
+def test_scripts_report_bad_input_in_one_line(tmp_path):
+    for name, args in (("linear_probe", (str(tmp_path / "missing.ckpt"), "train.tsv", "dev.tsv")),
+                       ("mlm_context_probe", (str(tmp_path / "missing.ckpt"), str(tmp_path)))):
+        done = subprocess.run([sys.executable, str(ROOT / "data_prep" / f"{name}.py"), *args],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert done.returncode == 1
+        assert done.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'missing.ckpt'}: not found"
+        assert "Traceback" not in done.stderr
