@@ -1,7 +1,7 @@
 """How much does a pretrained checkpoint use context? MLM accuracy on validation pairs as
 they are, and with every unmasked ordinary token replaced by a random one.
 
-    python data_prep/mlm_context_probe.py CHECKPOINT PREPARED_DIR [--batches 50]
+    python data_prep/mlm_context_probe.py CHECKPOINT PREPARED_DIR [--batches 50] [--random-init]
 
 A model that has learned only which tokens are frequent scores about the same on both; the
 gap is what it gets from context (what fine-tuning can build on). Also printed: the accuracy
@@ -32,11 +32,15 @@ def main() -> None:
     parser.add_argument("prepared")
     parser.add_argument("--batches", type=int, default=50)
     parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--random-init", action="store_true",
+                        help="the checkpoint's architecture at BERT's random initialisation (the baseline)")
     args = parser.parse_args()
     checkpoint = read_checkpoint(args.checkpoint)
+    torch.manual_seed(0)
     model = BertForPretraining(BertConfig(**checkpoint[CHECKPOINT_KEY]["model_config"]))
-    model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
-                           if k.startswith("model.")})
+    if not args.random_init:
+        model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
+                               if k.startswith("model.")})
     model.eval()
     prepared = PreparedData(args.prepared)
     masker = Masker.from_tokenizer(prepared.tokenizer, default_max_predictions(prepared.max_seq_length))
