@@ -34,6 +34,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--random-init", action="store_true",
                         help="the checkpoint's architecture at BERT's random initialisation (the baseline)")
+    parser.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
+                        help="also print these words' nearest neighbours in the word-embedding space")
     args = parser.parse_args()
     checkpoint = read_checkpoint(args.checkpoint)
     torch.manual_seed(0)
@@ -77,6 +79,7 @@ def main() -> None:
     print(f"unigram perplexity         {unigram_perplexity:.1f}   (the masked tokens' own frequencies: "
           "a model that knows only which tokens are common)")
     print_embedding_geometry(model, prepared, masker)
+    print_neighbours(model, prepared, args.neighbours)
 
 
 def print_embedding_geometry(model: BertForPretraining, prepared: PreparedData, masker: Masker,
@@ -101,6 +104,19 @@ def print_embedding_geometry(model: BertForPretraining, prepared: PreparedData, 
     correlation = np.corrcoef(u[:, 0].numpy(), np.log1p(counts[masker.random_pool]))[0, 1]
     print(f"word embeddings            mean cosine {mean_cosine:+.3f}   first principal direction: "
           f"{share:.1%} of the variance, correlation with log frequency {correlation:+.2f}")
+
+
+def print_neighbours(model: BertForPretraining, prepared: PreparedData, words: list[str], count: int = 6) -> None:
+    embeddings = model.embeddings.word.weight.detach().float()
+    unit = embeddings / embeddings.norm(dim=1, keepdim=True)
+    vocabulary = {i: token for token, i in prepared.tokenizer.get_vocab().items()}
+    for word in words:
+        index = prepared.tokenizer.token_to_id(word)
+        if index is None:
+            print(f"neighbours of {word!r}: not a single token of the vocabulary")
+            continue
+        nearest = (unit @ unit[index]).topk(count + 1).indices.tolist()
+        print(f"neighbours of {word!r}: " + ", ".join(repr(vocabulary[i]) for i in nearest if i != index))
 
 
 if __name__ == "__main__":

@@ -70,6 +70,8 @@ def test_scripts_report_bad_input_in_one_line(tmp_path):
 
 def test_context_probe_random_init_baseline_has_isotropic_embeddings(sample_checkpoint, sample_prepared):
     out = run_script("mlm_context_probe", str(sample_checkpoint), str(sample_prepared), "--batches", "1",
-                     "--random-init")
+                     "--random-init", "--neighbours", "the", "qwertyuiop")
+    assert re.search(r"neighbours of 'the': ('[^']+', ){5}'[^']+'\n", out), out
+    assert "neighbours of 'qwertyuiop': not a single token of the vocabulary" in out
     cosine, correlation = re.search(r"mean cosine ([+-]\d\.\d{3}) .* log frequency ([+-]\d\.\d\d)", out).groups()
     assert abs(float(cosine)) < 0.02 and abs(float(correlation)) < 0.15, out
