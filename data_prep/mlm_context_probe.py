@@ -2,12 +2,15 @@
 they are, and with every unmasked ordinary token replaced by a random one.
 
     python data_prep/mlm_context_probe.py CHECKPOINT PREPARED_DIR [--batches 50] [--random-init]
+        [--neighbours WORD ...]
 
 A model that has learned only which tokens are frequent scores about the same on both; the
 gap is what it gets from context (what fine-tuning can build on). Also printed: the accuracy
-of always predicting the most frequent masked token, and the perplexity of the masked tokens'
-own unigram distribution (the best a model that ignores context can do), and the geometry
-of the word embeddings (early in training they line up along word frequency).
+of always predicting the most frequent masked token; the perplexity of the masked tokens'
+own unigram distribution (the best a model that ignores context can do); the geometry of
+the word embeddings (early in training they line up along word frequency); and, with
+``--neighbours``, the nearest neighbours of some words. CHECKPOINT is a bertpre .ckpt or an
+exported directory, trained with PREPARED_DIR's tokenizer.
 """
 
 from __future__ import annotations
@@ -20,9 +23,9 @@ import torch
 
 from bertpre.data import ContentSeededCollator
 from bertpre.errors import UserError
+from bertpre.export import load_pretrained
 from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
-from bertpre.model import BertConfig, BertForPretraining
-from bertpre.module import CHECKPOINT_KEY, read_checkpoint
+from bertpre.model import BertForPretraining
 from bertpre.prepared import PreparedData
 
 
@@ -37,14 +40,13 @@ def main() -> None:
     parser.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
                         help="also print these words' nearest neighbours in the word-embedding space")
     args = parser.parse_args()
-    checkpoint = read_checkpoint(args.checkpoint)
-    torch.manual_seed(0)
-    model = BertForPretraining(BertConfig(**checkpoint[CHECKPOINT_KEY]["model_config"]))
-    if not args.random_init:
-        model.load_state_dict({k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items()
-                               if k.startswith("model.")})
-    model.eval()
+    model, tokenizer = load_pretrained(args.checkpoint)
     prepared = PreparedData(args.prepared)
+    if tokenizer.get_vocab() != prepared.tokenizer.get_vocab():
+        raise UserError(f"{args.checkpoint} was trained with another vocabulary than {args.prepared}'s tokenizer")
+    if args.random_init:
+        torch.manual_seed(0)
+        model = BertForPretraining(model.config).eval()
     masker = Masker.from_tokenizer(prepared.tokenizer, default_max_predictions(prepared.max_seq_length))
     collate = ContentSeededCollator(masker, pad_to_multiple_of=8)
     rows = prepared.load_dataset()["validation"].with_format("numpy")

@@ -75,3 +75,11 @@ def test_context_probe_random_init_baseline_has_isotropic_embeddings(sample_chec
     assert "neighbours of 'qwertyuiop': not a single token of the vocabulary" in out
     cosine, correlation = re.search(r"mean cosine ([+-]\d\.\d{3}) .* log frequency ([+-]\d\.\d\d)", out).groups()
     assert abs(float(cosine)) < 0.02 and abs(float(correlation)) < 0.15, out
+
+
+def test_context_probe_refuses_data_of_another_vocabulary(sample_checkpoint, gutenberg_prepared):
+    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "mlm_context_probe.py"), str(sample_checkpoint),
+                           str(gutenberg_prepared)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {sample_checkpoint} was trained with another vocabulary than {gutenberg_prepared}'s tokenizer")
