@@ -54,10 +54,15 @@ class Lamb(Optimizer):
 
 
 def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Weight decay on matrices and embeddings; none on biases and LayerNorm parameters."""
+    """Weight decay on matrices and embeddings; none on biases and LayerNorm parameters. A
+    parameter shared by two modules (a decoder tied to the embeddings) is listed once."""
     decay, no_decay = [], []
+    seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
+            if id(param) in seen:
+                continue
+            seen.add(id(param))
             if isinstance(module, nn.LayerNorm) or name.endswith("bias"):
                 no_decay.append(param)
             else:

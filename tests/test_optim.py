@@ -58,6 +58,17 @@ def test_weight_decay_groups_exclude_biases_and_layernorm():
     assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.01
 
 
+def test_a_weight_tied_across_modules_is_optimised_once():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=100, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                     intermediate_size=64)
+    model = transformers.BertForPreTraining(config)  # its decoder weight and bias are tied to other modules'
+    assert model.cls.predictions.decoder.weight is model.bert.embeddings.word_embeddings.weight
+    groups = parameter_groups(model, 0.01)
+    listed = [id(p) for group in groups for p in group["params"]]
+    assert len(listed) == len(set(listed)) == len(list(model.parameters()))
+
+
 def test_linear_warmup_then_linear_decay_to_zero():
     f = linear_schedule(warmup_steps=10, total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
