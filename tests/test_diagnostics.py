@@ -83,3 +83,11 @@ def test_context_probe_refuses_data_of_another_vocabulary(sample_checkpoint, gut
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: {sample_checkpoint} was trained with another vocabulary than {gutenberg_prepared}'s tokenizer")
+
+
+def test_peer_learning_curve_starts_from_the_same_loss(sample_prepared):
+    out = run_script("peer_learning_curve", str(sample_prepared), "--steps", "2", "--batch-size", "8", "--window", "1",
+                     "--preset", "bert-tiny", "--precision", "32", "--warmup-steps", "1", "--schedule-steps", "2")
+    first, second = re.findall(r"^ +\d+-\d+ +(\d+\.\d+) +(\d+\.\d+)$", out, flags=re.MULTILINE)
+    assert abs(float(first[0]) - float(first[1])) < 1e-3, out  # same weights, same batch: same loss
+    assert abs(float(second[0]) - float(second[1])) < 1e-2, out  # after the same optimizer step, still alike
