@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bertpre.errors import UserError
-from bertpre.hf import hf_config, to_hf_state_dict
+from bertpre.hf import to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.model import BertConfig, BertForPretraining
 from bertpre.optim import parameter_groups
@@ -74,17 +74,7 @@ def _build(framework: str, options: BenchOptions, device: torch.device) -> tuple
     torch.manual_seed(0)
     config = BertConfig.from_preset(options.preset, vocab_size=options.vocab_size)
     ours = BertForPretraining(config)
-    if framework == "transformers":
-        try:
-            import transformers
-        except ImportError:
-            raise UserError("bertpre bench compares with transformers: pip install 'bertpre[bench]'") from None
-        model = transformers.BertForPreTraining(
-            transformers.BertConfig(**hf_config(config, pad_token_id=0), attn_implementation="sdpa")
-        )
-        model.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
-    else:
-        model = ours
+    model = to_transformers(ours, pad_token_id=0, attn_implementation="sdpa") if framework == "transformers" else ours
     model.to(device).train()
     if options.compile:
         model.compile()

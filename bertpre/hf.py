@@ -10,7 +10,8 @@ import re
 
 from torch import Tensor
 
-from bertpre.model import BertConfig
+from bertpre.errors import UserError
+from bertpre.model import BertConfig, BertForPretraining
 
 GLOBAL_NAMES = {
     "embeddings.word.weight": "bert.embeddings.word_embeddings.weight",
@@ -95,3 +96,16 @@ def hf_config(config: BertConfig, pad_token_id: int) -> dict:
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
     }
+
+
+def to_transformers(model: BertForPretraining, pad_token_id: int, attn_implementation: str | None = None):
+    """A transformers ``BertForPreTraining`` with ``model``'s config and weights (for comparisons)."""
+    try:
+        import transformers
+    except ImportError:
+        raise UserError("this compares with transformers: pip install 'bertpre[bench]'") from None
+    hf = hf_config(model.config, pad_token_id=pad_token_id)
+    peer = transformers.BertForPreTraining(transformers.BertConfig(**hf, attn_implementation=attn_implementation))
+    missing, unexpected = peer.load_state_dict(to_hf_state_dict(model.state_dict()), strict=False)
+    assert not unexpected and all(k.endswith(("position_ids", "decoder.bias")) for k in missing), (missing, unexpected)
+    return peer.train(model.training)

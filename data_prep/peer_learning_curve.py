@@ -22,7 +22,7 @@ import torch
 
 from bertpre.data import ContentSeededCollator
 from bertpre.errors import UserError
-from bertpre.hf import hf_config, to_hf_state_dict
+from bertpre.hf import to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
 from bertpre.model import BertConfig, BertForPretraining
@@ -35,15 +35,7 @@ FRAMEWORKS = ("bertpre", "transformers")
 def build_model(framework: str, config: BertConfig, pad_id: int) -> torch.nn.Module:
     torch.manual_seed(0)
     ours = BertForPretraining(config)
-    if framework == "bertpre":
-        return ours
-    import transformers
-
-    peer = transformers.BertForPreTraining(transformers.BertConfig(**hf_config(config, pad_token_id=pad_id),
-                                                                   attn_implementation="sdpa"))
-    missing, unexpected = peer.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
-    assert not unexpected and all(k.endswith(("position_ids", "decoder.weight", "decoder.bias")) for k in missing)
-    return peer
+    return ours if framework == "bertpre" else to_transformers(ours, pad_id, attn_implementation="sdpa")
 
 
 def mlm_losses(framework: str, model: torch.nn.Module, batches, args) -> list[float]:

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from bertpre.errors import UserError
-from bertpre.hf import from_hf_state_dict, hf_config, to_hf_state_dict
+from bertpre.hf import from_hf_state_dict, to_hf_state_dict, to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
 from bertpre.model import PRESETS, BertConfig, BertForPretraining
@@ -85,9 +85,7 @@ def test_same_logits_as_transformers(train_mode):
     config = replace(CONFIG, hidden_dropout=0.0, attention_dropout=0.0) if train_mode else CONFIG
     torch.manual_seed(0)
     ours = BertForPretraining(config).train(train_mode)
-    theirs = transformers.BertForPreTraining(transformers.BertConfig(**hf_config(config, pad_token_id=0)))
-    theirs.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
-    theirs.train(train_mode)
+    theirs = to_transformers(ours, pad_token_id=0)
     input_ids, token_type_ids, attention_mask = random_batch()
     mlm, nsp = ours(input_ids, token_type_ids, attention_mask)
     out = theirs(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
@@ -111,8 +109,7 @@ def test_collated_batch_runs_through_transformers_with_the_same_loss(sample_prep
     batch = MaskingCollator(masker, pad_to_multiple_of=8)([train[i] for i in range(16)])
     config = BertConfig.from_preset("bert-tiny", vocab_size=tokenizer.get_vocab_size())
     ours = BertForPretraining(config).eval()
-    theirs = transformers.BertForPreTraining(transformers.BertConfig(**hf_config(config, pad_token_id=0))).eval()
-    theirs.load_state_dict(to_hf_state_dict(ours.state_dict()), strict=False)
+    theirs = to_transformers(ours, pad_token_id=0)
     out = theirs(**batch)  # the batch is given as it is
     predict = batch["labels"] != IGNORE_INDEX
     mlm, nsp = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], predict=predict)
