@@ -220,8 +220,7 @@ class ClassifierModule(L.LightningModule):
         self.save_hyperparameters()
         encoder, self.tokenizer = load_pretrained(pretrained)
         if random_init:
-            torch.manual_seed(0)
-            encoder = BertForPretraining(encoder.config)
+            encoder = BertForPretraining.randomly_initialised(encoder.config)
         self.encoder = without_pretraining_heads(encoder).train()
         self.pad_id = self.tokenizer.token_to_id("[PAD]")
         self.dropout = torch.nn.Dropout(classifier_dropout)

@@ -177,6 +177,13 @@ class BertForPretraining(nn.Module):
         selected = hidden if predict is None else hidden[predict]  # (B, T, H) or (P, H)
         return self.mlm_logits(selected), self.nsp(self.pool(hidden))
 
+    @classmethod
+    def randomly_initialised(cls, config: BertConfig, seed: int = 0) -> BertForPretraining:
+        """BERT's random initialisation from a fixed seed: the baseline that shows what
+        pretraining is worth (``bertpre finetune --model.random_init``, the probes)."""
+        torch.manual_seed(seed)
+        return cls(config)
+
     def num_parameters(self, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())
         if not embeddings:

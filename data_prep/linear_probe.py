@@ -75,10 +75,9 @@ def main() -> None:
     parser.add_argument("--text-column", nargs="+", default=["sentence", "content"])
     parser.add_argument("--label-column", default="label")
     args = parser.parse_args()
-    torch.manual_seed(0)
     model, tokenizer = load_pretrained(args.checkpoint)
     if args.random_init:
-        model = BertForPretraining(model.config).eval()
+        model = BertForPretraining.randomly_initialised(model.config).eval()
     columns = {"text_column": args.text_column, "text_pair_column": None, "label_column": args.label_column,
                "max_seq_length": 128}
     train_rows = sample_rows(read_table(args.train_file), args.train_examples, args.subset_seed)

@@ -45,8 +45,7 @@ def main() -> None:
     if tokenizer.get_vocab() != prepared.tokenizer.get_vocab():
         raise UserError(f"{args.checkpoint} was trained with another vocabulary than {args.prepared}'s tokenizer")
     if args.random_init:
-        torch.manual_seed(0)
-        model = BertForPretraining(model.config).eval()
+        model = BertForPretraining.randomly_initialised(model.config).eval()
     masker = Masker.from_tokenizer(prepared.tokenizer, default_max_predictions(prepared.max_seq_length))
     collate = ContentSeededCollator(masker, pad_to_multiple_of=8)
     rows = prepared.load_dataset()["validation"].with_format("numpy")
