@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from bertpre.errors import UserError
 from bertpre.export import load_pretrained
-from bertpre.finetune import collate, encode_rows, read_table, sample_rows
+from bertpre.finetune import collate, encode_rows, pick_column, read_table, sample_rows
 from bertpre.model import BertForPretraining
 
 L2_STRENGTHS = (0.01, 0.1, 1.0)  # inverse regularisation C, as in the usual logistic regression
@@ -81,7 +81,8 @@ def main() -> None:
     columns = {"text_column": args.text_column, "text_pair_column": None, "label_column": args.label_column,
                "max_seq_length": 128}
     train_rows = sample_rows(read_table(args.train_file), args.train_examples, args.subset_seed)
-    labels = sorted({row[args.label_column] for row in train_rows})
+    label_column = pick_column(train_rows, args.label_column, args.train_file, "--label-column")
+    labels = sorted({row[label_column] for row in train_rows})
     train = encode_rows(train_rows, args.train_file, tokenizer, columns, labels)
     validation = encode_rows(read_table(args.validation_file), args.validation_file, tokenizer, columns, labels)
     pad_id = tokenizer.token_to_id("[PAD]")

@@ -48,7 +48,8 @@ def main() -> None:
         model = BertForPretraining.randomly_initialised(model.config).eval()
     masker = Masker.from_tokenizer(prepared.tokenizer, default_max_predictions(prepared.max_seq_length))
     collate = ContentSeededCollator(masker, pad_to_multiple_of=8)
-    rows = prepared.load_dataset()["validation"].with_format("numpy")
+    splits = prepared.load_dataset()
+    rows = splits["validation"].with_format("numpy")
     rng = np.random.default_rng(0)
     correct = {"context": 0, "random context": 0}
     nll = {"context": 0.0, "random context": 0.0}
@@ -79,20 +80,17 @@ def main() -> None:
     print(f"most frequent token        {counts.max() / total:.4f}   ({total} masked tokens)")
     print(f"unigram perplexity         {unigram_perplexity:.1f}   (the masked tokens' own frequencies: "
           "a model that knows only which tokens are common)")
-    print_embedding_geometry(model, prepared, masker)
+    print_embedding_geometry(model, splits["train"], prepared.vocab_size, masker)
     print_neighbours(model, prepared, args.neighbours)
 
 
-def print_embedding_geometry(model: BertForPretraining, prepared: PreparedData, masker: Masker,
+def print_embedding_geometry(model: BertForPretraining, train, vocab_size: int, masker: Masker,
                              rows: int = 20_000, pairs: int = 20_000) -> None:
     """How alike the word embeddings are (mean cosine of random pairs of ordinary tokens: 0 at
     random initialisation), the share of their variance along the first principal direction,
-    and how that direction correlates with the tokens' log frequency in the training split."""
-    train = prepared.load_dataset()["train"]
-    sample = train.select(range(0, len(train), max(1, len(train) // rows)))
-    counts = np.zeros(prepared.vocab_size, dtype=np.int64)
-    for ids in sample.with_format("numpy")["input_ids"]:
-        counts += np.bincount(ids, minlength=prepared.vocab_size)[: prepared.vocab_size]
+    and how that direction correlates with the tokens' log frequency in (a sample of) ``train``."""
+    sample = train.select(range(0, len(train), max(1, len(train) // rows))).with_format("numpy")["input_ids"]
+    counts = np.bincount(np.concatenate(list(sample)), minlength=vocab_size)[:vocab_size]
     ordinary = torch.from_numpy(masker.random_pool)
     embeddings = model.embeddings.word.weight.detach().float()[ordinary]  # (V', H)
     unit = embeddings / embeddings.norm(dim=1, keepdim=True)

@@ -91,3 +91,14 @@ def test_peer_learning_curve_starts_from_the_same_loss(sample_prepared):
     first, second = re.findall(r"^ +\d+-\d+ +(\d+\.\d+) +(\d+\.\d+)$", out, flags=re.MULTILINE)
     assert abs(float(first[0]) - float(first[1])) < 1e-3, out  # same weights, same batch: same loss
     assert abs(float(second[0]) - float(second[1])) < 1e-2, out  # after the same optimizer step, still alike
+
+
+def test_linear_probe_names_a_missing_label_column(sample_checkpoint):
+    if not SST2.is_dir():
+        pytest.skip("../shared/data is not present")
+    dev = str(SST2 / "dev.tsv")
+    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "linear_probe.py"), str(sample_checkpoint), dev, dev,
+                           "--label-column", "polarity"], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1
+    assert done.stderr.strip().splitlines()[-1] == (
+        f"error: {dev}: no column 'polarity' (columns: label, content; set --label-column)")
