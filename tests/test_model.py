@@ -53,14 +53,24 @@ def test_padding_does_not_change_outputs():
 
 
 def test_decoder_is_tied_to_word_embeddings():
-    model = BertForPretraining(CONFIG)
-    hidden = torch.randn(2, CONFIG.hidden_size)
-    before = model.mlm_logits(hidden)
+    """Tying: the MLM decoder reads the word-embedding matrix itself, so moving row 7 by ``d``
+    moves logit 7 by exactly ``h . d`` (h: the MLM transform's output) and no other logit.
+    ``d`` is taken along the two rows of ``h`` so that the expected change is large (|h|^2), never a rounding
+    residue (the transform ends in a LayerNorm, so adding a constant to a row would be)."""
+    generator = torch.Generator().manual_seed(0)
+    model = BertForPretraining.randomly_initialised(CONFIG, seed=0)
+    hidden = torch.randn(2, CONFIG.hidden_size, generator=generator)
     with torch.no_grad():
-        model.embeddings.word.weight[7] += 1.0
-    after = model.mlm_logits(hidden)
-    assert not torch.allclose(before[:, 7], after[:, 7])
-    torch.testing.assert_close(before[:, 8], after[:, 8])
+        h = model.mlm_norm(torch.nn.functional.gelu(model.mlm_dense(hidden)))  # (2, H)
+        before = model.mlm_logits(hidden)
+        d = (h[0] + h[1]) / (h[0] + h[1]).norm()
+        model.embeddings.word.weight[7] += d
+        after = model.mlm_logits(hidden)
+    expected = h @ d  # (2,)
+    assert expected.abs().min() > 0.1, "the test needs a change well above rounding"
+    torch.testing.assert_close(after[:, 7] - before[:, 7], expected, rtol=1e-4, atol=1e-4)
+    others = torch.arange(CONFIG.vocab_size) != 7
+    torch.testing.assert_close(after[:, others], before[:, others], rtol=0, atol=0)
     names = [n for n, _ in model.named_parameters()]
     assert not any("decoder" in n for n in names), "no separate decoder matrix"
 
