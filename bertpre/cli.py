@@ -208,8 +208,9 @@ def run_export(argv: Sequence[str]) -> None:
                                 description="Write a directory that transformers loads as BertForPreTraining.")
     p.add_argument("checkpoint", help="a bertpre .ckpt")
     p.add_argument("--output", required=True, help="directory to write")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
-    print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.output)}")
+    print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.output, args.overwrite)}")
 
 
 def run_import(argv: Sequence[str]) -> None:
@@ -220,8 +221,9 @@ def run_import(argv: Sequence[str]) -> None:
                                             "or BertModel) into a bertpre checkpoint for model.init_from.")
     p.add_argument("directory")
     p.add_argument("--output", required=True, help="checkpoint file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint file")
     args = p.parse_args(argv)
-    initialised = import_hf(args.directory, args.output)
+    initialised = import_hf(args.directory, args.output, args.overwrite)
     print(f"imported {args.directory} -> {args.output}")
     if initialised:
         print(f"  not in the source, initialised afresh: {', '.join(initialised)}")
@@ -247,9 +249,10 @@ def run_predict(argv: Sequence[str]) -> None:
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `bertpre finetune`")
     p.add_argument("--input", required=True, help=".tsv, .csv or .jsonl with the columns used in fine-tuning")
     p.add_argument("--output", required=True, help="TSV file to write")
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
-    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size)
+    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.overwrite)
     print(f"wrote {rows} predictions to {args.output}")
 
 
@@ -271,7 +274,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     try:
         commands[argv[0]](argv[1:])
     except UserError as e:
-        print(f"bertpre {argv[0]}: error: {e}", file=sys.stderr)
+        message = " ".join(str(e).split())  # one line, whatever a library put into the reason
+        print(f"bertpre {argv[0]}: error: {message}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"bertpre {argv[0]}: interrupted", file=sys.stderr)

@@ -103,14 +103,18 @@ def input_size(path: Path) -> int:
 
 
 def expand_inputs(inputs: Sequence[str]) -> list[Path]:
-    """Files, folders (searched recursively, hidden entries skipped) and glob patterns -> files."""
+    """Files, folders (searched recursively, hidden entries skipped) and glob patterns -> files.
+
+    Each real file is taken once: a file reached twice (named twice, through a symbolic
+    link, or inside a folder given as well) is read at its first place only, and a link
+    back to a folder being walked (a loop) is not followed."""
     files: list[Path] = []
     for item in inputs:
         path = Path(item)
         if path.is_file() or (path.is_dir() and is_saved_dataset(path)):
             files.append(path)
         elif path.is_dir():
-            found = _files_in(path)
+            found = _files_in(path, set())
             if not found:
                 raise UserError(f"input folder {item} contains no files")
             files.extend(found)
@@ -120,21 +124,28 @@ def expand_inputs(inputs: Sequence[str]) -> list[Path]:
             if not matches:
                 raise UserError(f"input not found: {item}")
             files.extend(matches)
-    unique = list(dict.fromkeys(files))
+    unique: dict[Path, Path] = {}
+    for file in files:
+        unique.setdefault(file.resolve(), file)
     if not unique:
         raise UserError("no input files given")
-    return unique
+    return list(unique.values())
 
 
-def _files_in(folder: Path) -> list[Path]:
-    """Files under ``folder``, recursively and in sorted order; hidden entries skipped and a
-    saved dataset inside taken as one input."""
+def _files_in(folder: Path, walking: set[Path]) -> list[Path]:
+    """Files under ``folder``, recursively and in sorted order; hidden entries skipped, a
+    saved dataset inside taken as one input, and a folder already on the walk's path (a
+    symbolic-link loop) skipped."""
+    real = folder.resolve()
+    if real in walking:
+        return []
+    walking = walking | {real}
     found: list[Path] = []
     for entry in sorted(folder.iterdir()):
         if entry.name.startswith("."):
             continue
         if entry.is_dir():
-            found.extend([entry] if is_saved_dataset(entry) else _files_in(entry))
+            found.extend([entry] if is_saved_dataset(entry) else _files_in(entry, walking))
         elif entry.is_file():
             found.append(entry)
     return found
@@ -269,6 +280,10 @@ def document_from_text(text: str) -> list[str]:
     return [s for para in re.split(r"\n\s*\n", text) for s in split_sentences(para)]
 
 
+class UnreadableInput(UserError):
+    """An input file whose content cannot be read (damaged, or not the format it claims)."""
+
+
 def _read_table_batches(path: Path, fmt: str, text_field: str) -> Iterator[list]:
     """Batches of the text column of a Parquet file or a saved dataset, memory-mapped or streamed."""
     if fmt == "parquet":
@@ -277,19 +292,22 @@ def _read_table_batches(path: Path, fmt: str, text_field: str) -> Iterator[list]
         try:
             table = pq.ParquetFile(path)
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for files that are not Parquet
-            raise UserError(f"{path}: cannot read as Parquet: {e}") from None
+            raise UnreadableInput(f"{path}: cannot read as Parquet: {e}") from None
         if text_field not in table.schema_arrow.names:
             raise UserError(f"{path}: no column {text_field!r} (columns: {', '.join(table.schema_arrow.names)}; "
                             f"set --text-field)")
-        for batch in table.iter_batches(batch_size=1000, columns=[text_field]):
-            yield batch.column(0).to_pylist()
+        try:
+            for batch in table.iter_batches(batch_size=1000, columns=[text_field]):
+                yield batch.column(0).to_pylist()
+        except Exception as e:  # a damaged row group: ArrowInvalid, OSError, ...
+            raise UnreadableInput(f"{path}: cannot read as Parquet: {e}") from None
         return
     import datasets
 
     try:
         loaded = datasets.load_from_disk(str(path))
     except Exception as e:  # datasets raises several types for folders it cannot load
-        raise UserError(f"{path}: cannot load as a saved dataset: {e}") from None
+        raise UnreadableInput(f"{path}: cannot load as a saved dataset: {e}") from None
     parts = list(loaded.values()) if isinstance(loaded, datasets.DatasetDict) else [loaded]
     for part in parts:
         if text_field not in part.column_names:
@@ -343,8 +361,8 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
                 stats.documents += 1
                 stats.sentences += len(document)
                 yield document
-        except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
-            message = f"{path}: cannot read: {e}"
+        except (OSError, EOFError, lzma.LZMAError, zlib.error, UnreadableInput) as e:
+            message = str(e) if isinstance(e, UnreadableInput) else f"{path}: cannot read: {e}"
             if not options.skip_unreadable:
                 raise UserError(message + " (--skip-unreadable skips such files)") from None
             stats.skipped_files.append(message)

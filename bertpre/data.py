@@ -132,6 +132,11 @@ class PretrainDataModule(L.LightningDataModule):
         prepared = self.prepare()
         if self.splits is None:
             self.splits = prepared.load_dataset()
+        world = self.trainer.world_size if self.trainer else 1
+        if stage == "fit" and len(self.splits["train"]) < self.batch_size * world:
+            raise UserError(f"data.path {prepared.path}: the train split holds {len(self.splits['train'])} pairs, "
+                            f"fewer than one batch (data.batch_size {self.batch_size} x {world} devices); lower "
+                            "data.batch_size or prepare more text")
         max_predictions = self.max_predictions or default_max_predictions(prepared.max_seq_length)
         self.masker = Masker.from_tokenizer(
             prepared.tokenizer, max_predictions, self.mlm_probability, self.whole_word_masking

@@ -14,7 +14,6 @@ checkpoint or a directory is executed.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import asdict, fields
 from pathlib import Path
 
@@ -23,27 +22,12 @@ from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
 import bertpre
+from bertpre.checkpoint import CHECKPOINT_KEY, MODEL_PREFIX, model_state, read_checkpoint
 from bertpre.errors import UserError
+from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock, staged_output
 from bertpre.hf import HF_TIED, from_hf_state_dict, hf_config, to_hf_state_dict
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.module import CHECKPOINT_KEY, read_checkpoint
 from bertpre.tokenizer import SPECIAL_TOKENS, save_tokenizer, special_ids, vocab_fingerprint
-
-MODEL_PREFIX = "model."
-_WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers, if a checkpoint has them
-
-
-def _model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
-    state = {}
-    for name, tensor in checkpoint["state_dict"].items():
-        if not name.startswith(MODEL_PREFIX):
-            continue
-        name = name[len(MODEL_PREFIX) :]
-        for prefix in _WRAPPER_PREFIXES:
-            name = name.replace(prefix, "")
-        state[name] = tensor
-    return state
-
 
 def _build(config: dict, state: dict[str, torch.Tensor], source: str) -> BertForPretraining:
     known = {f.name for f in fields(BertConfig)}
@@ -70,19 +54,16 @@ def _hf_tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict:
     }
 
 
-def export_checkpoint(checkpoint_path: str | Path, output: str | Path) -> Path:
+def export_checkpoint(checkpoint_path: str | Path, output: str | Path, overwrite: bool = False) -> Path:
     """Write a transformers-loadable directory for a bertpre checkpoint."""
+    output = Path(output)
+    check_apart(output, [checkpoint_path])
+    check_replaceable(output, overwrite, "folder")
     checkpoint = read_checkpoint(checkpoint_path)
     meta = checkpoint[CHECKPOINT_KEY]
-    model = _build(meta["model_config"], _model_state(checkpoint), f"checkpoint {checkpoint_path}")
+    model = _build(meta["model_config"], model_state(checkpoint), f"checkpoint {checkpoint_path}")
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
-    output = Path(output)
-    if output.exists() and any(output.iterdir()):
-        raise UserError(f"--output {output} exists and is not empty")
-    staging = output.parent / f".{output.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
+    with staged_output(output, overwrite, inputs=[checkpoint_path]) as staging:
         weights = {k: v.contiguous() for k, v in to_hf_state_dict(model.state_dict()).items() if k not in HF_TIED}
         save_file(weights, str(staging / "model.safetensors"), metadata={"format": "pt"})
         config = hf_config(model.config, pad_token_id=special_ids(tokenizer).pad)
@@ -93,11 +74,6 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path) -> Path:
         (staging / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n", encoding="utf-8")
         specials = {k: v for k, v in tokenizer_config.items() if k.endswith("_token")}
         (staging / "special_tokens_map.json").write_text(json.dumps(specials, indent=2) + "\n", encoding="utf-8")
-        shutil.rmtree(output, ignore_errors=True)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return output
 
 
@@ -118,7 +94,11 @@ def _read_hf_dir(directory: Path) -> tuple[BertConfig, dict[str, torch.Tensor], 
         layer_norm_eps=hf.get("layer_norm_eps", 1e-12), initializer_range=hf.get("initializer_range", 0.02),
     )
     if (directory / "model.safetensors").is_file():
-        weights = load_file(str(directory / "model.safetensors"))
+        try:
+            weights = load_file(str(directory / "model.safetensors"))
+        except Exception:  # truncated or damaged: safetensors raises its own error types
+            raise UserError(f"{directory / 'model.safetensors'}: not a readable safetensors file "
+                            "(truncated or damaged)") from None
     elif (directory / "pytorch_model.bin").is_file():
         try:
             weights = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
@@ -141,9 +121,11 @@ def _read_hf_dir(directory: Path) -> tuple[BertConfig, dict[str, torch.Tensor], 
     return config, weights, tokenizer
 
 
-def import_hf(directory: str | Path, output: str | Path) -> list[str]:
+def import_hf(directory: str | Path, output: str | Path, overwrite: bool = False) -> list[str]:
     """Write a bertpre checkpoint from a HuggingFace BERT directory; returns what was initialised."""
     directory, output = Path(directory), Path(output)
+    check_apart(output, [directory])
+    check_replaceable(output, overwrite, "file")
     config, weights, tokenizer = _read_hf_dir(directory)
     special_ids(tokenizer, f"{directory} tokenizer")
     try:
@@ -168,10 +150,8 @@ def import_hf(directory: str | Path, output: str | Path) -> list[str]:
             "imported_from": str(directory),
         },
     }
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    torch.save(checkpoint, partial)
-    partial.replace(output)
+    with output_lock(output):
+        atomic_write(output, lambda f: torch.save(checkpoint, f), what=f"--output {output}")
     return sorted(missing)
 
 
@@ -186,5 +166,5 @@ def load_pretrained(path: str | Path) -> tuple[BertForPretraining, Tokenizer]:
         return _build(asdict(config), state, str(path)), tokenizer
     checkpoint = read_checkpoint(path)
     meta = checkpoint[CHECKPOINT_KEY]
-    return _build(meta["model_config"], _model_state(checkpoint), str(path)), Tokenizer.from_str(meta["tokenizer"])
+    return _build(meta["model_config"], model_state(checkpoint), str(path)), Tokenizer.from_str(meta["tokenizer"])
 

@@ -6,21 +6,21 @@ signals, non-finite steps, and output folders that cannot take the run's checkpo
   file or the new one, never a truncated one.
 - ``resolve_ckpt_path`` checks the checkpoint a run resumes from (a truncated or corrupt
   file gets an error naming the newest good one) and understands ``last-good``.
-- ``PreemptionCheckpoint`` saves ``last.ckpt`` after the current step when SIGTERM or
-  SIGUSR1 (what SLURM sends before preemption) arrives, then stops the run.
+- ``PreemptionCheckpoint`` saves ``last.ckpt`` after the current step when SIGTERM,
+  SIGUSR1 (what SLURM sends before preemption) or a first Ctrl-C arrives, then stops the run.
 - ``NonFiniteGuard`` checks the loss and gradient norm of every step: a non-finite step is
   reported with its number and skipped (no weight or optimizer update) or stops the run.
 """
 
 from __future__ import annotations
 
-import errno
 import io
 import math
 import os
 import shutil
 import signal
-import zipfile
+import sys
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -30,77 +30,37 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bertpre.checkpoint import checkpoint_dir, checkpoint_problem, newest_good_checkpoint, run_checkpoints
 from bertpre.errors import UserError
+from bertpre.outputs import atomic_write
 
 PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.parent / f".{path.name}.{os.getpid()}.tmp"
         buffer = io.BytesIO()
         torch.save(checkpoint, buffer)  # serialised first, so that a failed write is a plain OSError
         try:
-            with open(temporary, "wb") as f:
-                f.write(buffer.getbuffer())
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(temporary, path)
-        except OSError as e:
-            temporary.unlink(missing_ok=True)
-            reason = "disk full" if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT) else e.strerror
-            raise UserError(f"cannot write checkpoint {path} ({reason}); the previous checkpoints are intact") from None
-        directory = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(directory)
-        finally:
-            os.close(directory)
+            atomic_write(path, lambda f: f.write(buffer.getbuffer()), what=f"checkpoint {path}")
+        except UserError as e:
+            raise UserError(f"{e}; the previous checkpoints are intact") from None
 
 
-def checkpoint_problem(path: Path) -> str | None:
-    """Why ``path`` cannot be a complete checkpoint (None if it can): torch saves a zip
-    archive, whose central directory and member checksums reveal truncation and corruption."""
-    try:
-        with zipfile.ZipFile(path) as archive:
-            bad = archive.testzip()
-    except (zipfile.BadZipFile, OSError, EOFError) as e:
-        return f"truncated or not a checkpoint: {e}"
-    except Exception as e:  # zlib / struct errors from a damaged member
-        return f"corrupt: {type(e).__name__}"
-    return f"corrupt: member {bad} fails its checksum" if bad else None
-
-
-def _step_of(path: Path) -> int:
-    digits = path.stem.rsplit("step=", 1)[-1] if "step=" in path.stem else ""
-    return int(digits) if digits.isdigit() else -1
-
-
-def newest_good_checkpoint(directory: Path, exclude: Path | None = None) -> Path | None:
-    """The newest complete checkpoint in ``directory`` (by modification time)."""
-    if not directory.is_dir():
-        return None
-    candidates = sorted((p for p in directory.glob("*.ckpt") if p != exclude),
-                        key=lambda p: (p.stat().st_mtime, _step_of(p)), reverse=True)
-    return next((p for p in candidates if checkpoint_problem(p) is None), None)
-
-
-def resolve_ckpt_path(ckpt_path: str | None, checkpoint_dir: Path) -> str | None:
+def resolve_ckpt_path(ckpt_path: str | None, directory: Path) -> str | None:
     """The checkpoint to resume from, checked. ``last``: the newest checkpoint in
-    ``checkpoint_dir`` (normally last.ckpt; a newer step file if the run died between the
+    ``directory`` (normally last.ckpt; a newer step file if the run died between the
     two saves; none yet: start from scratch, as Lightning does); ``last-good``: the newest
     complete one, skipping damaged files."""
     if ckpt_path is None:
         return None
     if ckpt_path == "last-good":
-        good = newest_good_checkpoint(checkpoint_dir)
+        good = newest_good_checkpoint(directory)
         if good is None:
-            raise UserError(f"ckpt_path last-good: no complete checkpoint in {checkpoint_dir}")
+            raise UserError(f"ckpt_path last-good: no complete checkpoint in {directory}")
         return str(good)
     if ckpt_path == "last":
-        candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt")) \
-            if checkpoint_dir.is_dir() else []
+        candidates = run_checkpoints(directory)
         if not candidates:
             return "last"  # Lightning warns and starts from scratch
         path = candidates[-1]
@@ -147,7 +107,8 @@ def check_free_space(directory: Path, bytes_per_checkpoint: int, checkpoints: in
 
 
 class PreemptionCheckpoint(L.Callback):
-    """On SIGTERM or SIGUSR1: finish the current step, save ``last.ckpt``, stop.
+    """On SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT): finish the current step, save
+    ``last.ckpt``, stop. A second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more.
 
     ``PreemptionCheckpoint.stopped`` keeps the last such stop (signal, checkpoint, step) for
     the command line, which reports it and exits with 128 + the signal number."""
@@ -158,18 +119,32 @@ class PreemptionCheckpoint(L.Callback):
         self.received: int | None = None
         self.saved: str | None = None
         self.step: int | None = None
+        self.previous: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = self.saved = None
-        for signum in PREEMPTION_SIGNALS:
-            previous = signal.getsignal(signum)
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set from the main thread
+        for signum in (*PREEMPTION_SIGNALS, signal.SIGINT):
+            previous = self.previous[signum] = signal.getsignal(signum)
 
             def handler(number, frame, previous=previous):
+                if number == signal.SIGINT:
+                    if self.received is not None:  # the second Ctrl-C: abort now
+                        raise KeyboardInterrupt
+                    if trainer.is_global_zero:
+                        print("\nbertpre: Ctrl-C: saving last.ckpt after this step, then stopping "
+                              "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
                 self.received = number
                 if number == signal.SIGTERM and callable(previous):
                     previous(number, frame)  # Lightning's own SIGTERM handling (stops the loops)
 
             signal.signal(signum, handler)
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        for signum, previous in self.previous.items():
+            signal.signal(signum, previous)
+        self.previous = {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         stop = self.received is not None
@@ -186,10 +161,7 @@ class PreemptionCheckpoint(L.Callback):
             self._save_and_stop(trainer)
 
     def _save_and_stop(self, trainer: L.Trainer) -> None:
-        callback = trainer.checkpoint_callback
-        directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
-            Path(trainer.default_root_dir) / "checkpoints"
-        path = directory / "last.ckpt"
+        path = checkpoint_dir(trainer) / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the full training state
         self.saved, self.step = str(path), trainer.global_step
         PreemptionCheckpoint.stopped = (self.received or signal.SIGTERM, self.saved, self.step)
@@ -221,6 +193,7 @@ class NonFiniteGuard(L.Callback):
             raise UserError(f"model.max_nonfinite_in_a_row must be at least 1, got {max_in_a_row}")
         self.action, self.max_in_a_row = action, max_in_a_row
         self.in_a_row = 0
+        self.succeeded = 0  # finite steps of this run
         self.skipped: list[int] = []
         self.loss: torch.Tensor | None = None
 
@@ -238,6 +211,7 @@ class NonFiniteGuard(L.Callback):
             finite = torch.tensor(trainer.strategy.reduce_boolean_decision(bool(finite), all=True))
         if bool(finite):
             self.in_a_row = 0
+            self.succeeded += 1
             return
         step = trainer.global_step + 1
         parts = [f"loss {float(loss):.4g}"] if loss is not None and not torch.isfinite(loss) else []

@@ -10,6 +10,7 @@ pretraining is worth). Head: dropout + linear on the pooled [CLS] vector, as in 
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import sys
@@ -26,12 +27,13 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 
 import bertpre
+from bertpre.checkpoint import read_checkpoint
 from bertpre.errors import UserError
 from bertpre.export import load_pretrained
 from bertpre.faults import NonFiniteGuard
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.module import read_checkpoint
 from bertpre.optim import build_optimizer
+from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
 
 TASK_KEY = "bertpre_task"
 
@@ -48,7 +50,8 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
             for lineno, line in enumerate(f, 1):
                 if line.strip():
                     try:
-                        rows.append({k: str(v) for k, v in json.loads(line).items()})
+                        # a JSON null is a missing value, not the text "None"
+                        rows.append({k: "" if v is None else str(v) for k, v in json.loads(line).items()})
                     except (json.JSONDecodeError, AttributeError):
                         raise UserError(f"{path}:{lineno}: not a JSON object") from None
             return rows
@@ -56,7 +59,15 @@ def read_table(path: str | Path) -> list[dict[str, str]]:
             raise UserError(f"{path}: expected a .tsv, .csv or .jsonl file")
         csv.field_size_limit(sys.maxsize)
         delimiter, quoting = ("\t", csv.QUOTE_NONE) if suffix == ".tsv" else (",", csv.QUOTE_MINIMAL)
-        return list(csv.DictReader(f, delimiter=delimiter, quoting=quoting))
+        reader = csv.DictReader(f, delimiter=delimiter, quoting=quoting)
+        rows = []
+        for row in reader:
+            if None in row or None in row.values():  # DictReader's marks of a row longer or shorter than the header
+                fields = sum(v is not None for k, v in row.items() if k is not None) + len(row.get(None) or [])
+                raise UserError(f"{path}:{reader.line_num}: {fields} fields, but the header has "
+                                f"{len(reader.fieldnames)}")
+            rows.append(row)
+        return rows
 
 
 def pick_column(rows: list[dict[str, str]], names: str | list[str], path: str, option: str) -> str:
@@ -115,6 +126,12 @@ class TaskDataModule(L.LightningDataModule):
         if self.encoded:
             return
         tokenizer: Tokenizer = self.trainer.lightning_module.tokenizer
+        positions = self.trainer.lightning_module.encoder.config.max_position_embeddings
+        if self.max_seq_length > positions:
+            raise UserError(f"data.max_seq_length {self.max_seq_length} is above the encoder's "
+                            f"max_position_embeddings {positions}")
+        if self.max_seq_length < 3:
+            raise UserError(f"data.max_seq_length must be at least 3, got {self.max_seq_length}")
         train_rows = read_table(self.train_file)
         if not train_rows:
             raise UserError(f"{self.train_file}: no rows")
@@ -158,6 +175,13 @@ def encode_rows(rows, path, tokenizer: Tokenizer, columns: dict, labels: list[st
     text = pick_column(rows, columns["text_column"], path, "data.text_column")
     pair = pick_column(rows, columns["text_pair_column"], path, "data.text_pair_column") \
         if columns["text_pair_column"] else None
+    if labels is not None:  # a labelled file (training or validation) must have the label column
+        pick_column(rows, columns["label_column"], path, "data.label_column")
+    empty = [number for number, r in enumerate(rows, 1) if not r[text].strip()]  # data rows, from 1
+    if empty:
+        shown = ", ".join(map(str, empty[:5])) + (", ..." if len(empty) > 5 else "")
+        print(f"bertpre: warning: {path}: {len(empty)} of {len(rows)} rows have an empty {text!r} "
+              f"(rows {shown}); they are kept", file=sys.stderr, flush=True)
     tokenizer = Tokenizer.from_str(tokenizer.to_str())
     tokenizer.enable_truncation(columns["max_seq_length"], strategy="longest_first")
     inputs = [(r[text], r[pair]) if pair else r[text] for r in rows]
@@ -293,8 +317,12 @@ class ClassifierModule(L.LightningModule):
 
 
 def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_path: str | Path,
-                 batch_size: int = 64) -> int:
+                 batch_size: int = 64, overwrite: bool = False) -> int:
     """Write ``prediction`` (and the input's columns) for every row of ``input_path``; returns the row count."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_apart(output_path, [input_path, checkpoint_path])
+    check_replaceable(output_path, overwrite, "file")
     checkpoint = read_checkpoint(checkpoint_path, key=TASK_KEY, kind="`bertpre finetune`")
     task = checkpoint[TASK_KEY]
     encoder = without_pretraining_heads(BertForPretraining(BertConfig(**task["model_config"])))
@@ -313,12 +341,17 @@ def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_pat
             batch = collate(encoded[start : start + batch_size], tokenizer.token_to_id("[PAD]"))
             hidden = encoder.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
             predictions += classifier(encoder.pool(hidden)).argmax(-1).tolist()
-    output_path = Path(output_path)
-    partial = output_path.with_name(output_path.name + ".partial")
-    with partial.open("w", encoding="utf-8", newline="") as f:
-        writer = csv.writer(f, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+    assert len(predictions) == len(rows), "one prediction per row"
+
+    def write(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
         writer.writerow(["prediction", *rows[0].keys()])
         for row, p in zip(rows, predictions):
             writer.writerow([task["labels"][p], *row.values()])
-    partial.replace(output_path)
+        text.flush()
+        text.detach()
+
+    with output_lock(output_path):
+        atomic_write(output_path, write, what=f"--output {output_path}")
     return len(rows)

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-import pickle
-import zipfile
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Any
 
 import lightning as L
@@ -22,6 +19,7 @@ import torch
 from torchmetrics import MeanMetric
 
 import bertpre
+from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
 from bertpre.errors import UserError
 from bertpre.faults import NonFiniteGuard, PreemptionCheckpoint, all_finite, check_free_space, checkpoint_bytes
 from bertpre.loss import pretraining_loss
@@ -30,27 +28,7 @@ from bertpre.model import BertConfig, BertForPretraining
 from bertpre.optim import OPTIMIZERS, build_optimizer
 from bertpre.throughput import ThroughputLogger
 
-CHECKPOINT_KEY = "bertpre"
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
-
-
-def read_checkpoint(path: str | Path, key: str = CHECKPOINT_KEY, kind: str = "bertpre") -> dict[str, Any]:
-    """Load a checkpoint safely (tensors and plain data only) and check it carries ``key``."""
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"checkpoint {path}: not found")
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"checkpoint {path}: not a readable checkpoint (not an archive written by torch.save)")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        raise UserError(f"checkpoint {path}: not a readable checkpoint (it holds objects other than tensors and "
-                        "plain data; such files are never loaded)") from None
-    except Exception as e:
-        raise UserError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or key not in checkpoint:
-        raise UserError(f"checkpoint {path}: not a {kind} checkpoint (no '{key}' entry)")
-    return checkpoint
 
 
 class PretrainModule(L.LightningModule):
@@ -155,8 +133,7 @@ class PretrainModule(L.LightningModule):
     def _load_initial_weights(self, path: str) -> None:
         checkpoint = read_checkpoint(path)
         self._check_compatible(checkpoint[CHECKPOINT_KEY], f"model.init_from {path}")
-        state = {k.removeprefix("model."): v for k, v in checkpoint["state_dict"].items() if k.startswith("model.")}
-        self.model.load_state_dict(state)
+        self.model.load_state_dict(model_state(checkpoint))
 
     def _check_compatible(self, saved: dict[str, Any], source: str) -> None:
         if saved["tokenizer_fingerprint"] != self.tokenizer_fingerprint:
@@ -183,9 +160,7 @@ class PretrainModule(L.LightningModule):
                 every = getattr(callback, "_every_n_train_steps", 0) or trainer.max_steps
                 top_k = math.ceil(trainer.max_steps / max(every, 1))
             kept += top_k + (1 if callback.save_last else 0)
-        callback = trainer.checkpoint_callback
-        directory = Path(callback.dirpath) if callback is not None and callback.dirpath else \
-            Path(trainer.default_root_dir)
+        directory = checkpoint_dir(trainer)
         optimizer_states = 2 if self.optimizer_name in ("adamw", "lamb") else 1
         check_free_space(directory, checkpoint_bytes(self.model, optimizer_states), kept, "trainer.default_root_dir")
 

@@ -57,7 +57,9 @@ class Instance:
     tokens_b: np.ndarray
     is_random_next: bool
     short_target: bool
-    truncated: bool
+    truncated: int  # tokens cut from A and B to fit max_seq_length
+    corpus_tokens: int = 0  # tokens of A, and of B when B follows A, before the cut: the corpus text used
+    dropped: int = 0  # of those, tokens cut (a random B is a copy from elsewhere: cutting it loses no text)
 
 
 def truncate_pair(len_a: int, len_b: int, max_tokens: int, rng: random.Random) -> tuple[slice, slice]:
@@ -127,10 +129,12 @@ def instances_from_document(
             else:
                 tokens_b = np.concatenate(chunk[a_end:])
             keep_a, keep_b = truncate_pair(len(tokens_a), len(tokens_b), options.max_num_tokens, rng)
-            truncated = len(tokens_a) + len(tokens_b) > options.max_num_tokens
+            truncated = max(0, len(tokens_a) + len(tokens_b) - options.max_num_tokens)
+            corpus_tokens = len(tokens_a) + (0 if is_random_next else len(tokens_b))
             tokens_a, tokens_b = tokens_a[keep_a], tokens_b[keep_b]
             assert len(tokens_a) >= 1 and len(tokens_b) >= 1
-            yield Instance(tokens_a, tokens_b, is_random_next, short, truncated)
+            dropped = corpus_tokens - len(tokens_a) - (0 if is_random_next else len(tokens_b))
+            yield Instance(tokens_a, tokens_b, is_random_next, short, truncated, corpus_tokens, dropped)
             chunk, length = [], 0
             target, short = _draw_target(options, rng)
         i += 1

@@ -35,10 +35,12 @@ from tqdm import tqdm
 from bertpre.corpus import CorpusOptions, CorpusStats, expand_inputs, input_size, read_documents
 from bertpre.errors import UserError
 from bertpre.masking import Masker, default_max_predictions
+from bertpre.outputs import staged_output
 from bertpre.pairs import Document, Instance, PairOptions, create_instances, encode_instance
-from bertpre.prepared import SPLITS, SplitFiles, SplitStats, arrow_schema, histogram_edges, make_record, staged_output
+from bertpre.prepared import SPLITS, SplitFiles, SplitStats, arrow_schema, histogram_edges, make_record
 from bertpre.tokenizer import (
     SentenceEncoder,
+    check_vocab_size,
     load_tokenizer,
     save_tokenizer,
     special_ids,
@@ -82,6 +84,8 @@ class PrepareOptions:
             raise UserError(f"--tokenizer-sample-mb must be positive, got {self.tokenizer_sample_mb}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise UserError(f"--validation-fraction must be in [0, 1), got {self.validation_fraction}")
+        if self.tokenizer is None:
+            check_vocab_size(self.vocab_size)
         if self.dupe_factor < 1:
             raise UserError(f"--dupe-factor must be at least 1, got {self.dupe_factor}")
         if self.whole_word_masking and not self.static_masking:
@@ -187,12 +191,17 @@ class BlockProcessor:
         return block.split, batches, stats
 
     def _tokenize(self, documents: list[list[str]], stats: SplitStats) -> list[Document]:
-        """Token-id documents; sentences and documents without tokens are dropped."""
+        """Token-id documents; sentences and documents without tokens are dropped, and a sentence
+        longer than a pair can hold is split into pieces that fit (truncation would drop the rest)."""
         ids, counts = self.encoder.encode([s for d in documents for s in d])
         sentences = np.split(ids, np.cumsum(counts)[:-1]) if len(counts) else []
+        limit, piece = self.options.pairs.max_num_tokens, max(1, self.options.pairs.max_num_tokens // 4)
         out, at = [], 0
         for document in documents:
-            tokenized = [s for s, n in zip(sentences[at : at + len(document)], counts[at : at + len(document)]) if n]
+            # a sentence over the limit becomes even pieces of about a quarter of it, sentence-sized, so that
+            # chunks of several pieces make IsNext pairs and lose no more to the final cut than sentences do
+            tokenized = [part for s, n in zip(sentences[at : at + len(document)], counts[at : at + len(document)]) if n
+                         for part in (np.array_split(s, -(-n // piece)) if n > limit else (s,))]
             at += len(document)
             if tokenized:
                 out.append(tokenized)
@@ -240,7 +249,9 @@ def _count(s: SplitStats, instances: list[Instance], lengths: np.ndarray, max_se
     s.instances += len(instances)
     s.not_next += sum(inst.is_random_next for inst in instances)
     s.short_target += sum(inst.short_target for inst in instances)
-    s.truncated += sum(inst.truncated for inst in instances)
+    s.truncated += sum(inst.truncated > 0 for inst in instances)
+    s.truncated_tokens += sum(inst.dropped for inst in instances)
+    s.pair_tokens += sum(inst.corpus_tokens for inst in instances)
     counts, _ = np.histogram(lengths, bins=histogram_edges(max_seq_length))
     s.length_counts = [a + int(b) for a, b in zip(s.length_counts, counts)]
 
@@ -351,7 +362,8 @@ def prepare(options: PrepareOptions) -> dict:
     """Run the whole preparation; returns the record also written to ``prepare.json``."""
     files = expand_inputs(options.inputs)
     started = time.perf_counter()
-    with staged_output(options.output, options.overwrite) as staging:
+    sources = [*options.inputs, *files, *([options.tokenizer] if options.tokenizer else [])]
+    with staged_output(options.output, options.overwrite, inputs=sources) as staging:
         record = _prepare_into(staging, options, files)
         record["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "prepare.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -361,8 +373,9 @@ def prepare(options: PrepareOptions) -> dict:
 def write_tokenizer(inputs: list[str], output: Path, corpus: CorpusOptions, vocab_size: int, cased: bool,
                     sample_mb: float, seed: int, overwrite: bool) -> dict:
     """``bertpre tokenizer``: train a tokenizer alone (for sharded preparation) into ``output``."""
+    check_vocab_size(vocab_size)
     files = expand_inputs(inputs)
-    with staged_output(output, overwrite) as staging:
+    with staged_output(output, overwrite, inputs=[*inputs, *files]) as staging:
         tokenizer, record = build_tokenizer(files, corpus, vocab_size, cased, sample_mb, seed)
         save_tokenizer(tokenizer, staging)
     return {"vocab_size": tokenizer.get_vocab_size(), "fingerprint": vocab_fingerprint(tokenizer), **record}

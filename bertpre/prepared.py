@@ -8,13 +8,11 @@ writes any of them so that an interrupted run never leaves one that looks comple
 
 from __future__ import annotations
 
-import contextlib
-import errno
+import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from tokenizers import Tokenizer
 import bertpre
 from bertpre.corpus import CorpusStats
 from bertpre.errors import UserError
+from bertpre.outputs import staged_output
 from bertpre.tokenizer import load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 
 SCHEMA_VERSION = 2  # 2: dataset/{split}-NNNNN.arrow files (1: a save_to_disk folder)
@@ -42,6 +41,8 @@ class SplitStats:
     not_next: int = 0
     short_target: int = 0
     truncated: int = 0
+    truncated_tokens: int = 0  # corpus tokens cut from pairs to fit max_seq_length (lost text)
+    pair_tokens: int = 0  # corpus tokens the pairs took, before that cut
     length_counts: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
 
     def __add__(self, other: SplitStats) -> SplitStats:
@@ -94,43 +95,6 @@ def arrow_schema(static_masking: bool) -> pa.Schema:
             pa.field("masked_lm_ids", pa.list_(pa.int32())),
         ]
     return pa.schema(fields)
-
-
-
-@contextlib.contextmanager
-def staged_output(output: Path, overwrite: bool, option: str = "--output") -> Iterator[Path]:
-    """A staging folder next to ``output`` that becomes ``output`` only when the block completes.
-
-    An interrupted run leaves at most a hidden ``.NAME.partial`` folder (removed by the next
-    run), never an ``output`` that looks complete; an existing ``output`` is replaced only
-    at the very end, by two renames.
-    """
-    if output.exists() and not overwrite and (not output.is_dir() or any(output.iterdir())):
-        raise UserError(f"{option} {output} exists and is not empty (use --overwrite to replace it)")
-    staging = output.parent / f".{output.name}.partial"
-    previous = output.parent / f".{output.name}.previous"
-    for leftover in (staging, previous):
-        if leftover.exists():
-            shutil.rmtree(leftover)
-    try:
-        staging.mkdir(parents=True)
-    except OSError as e:
-        raise UserError(f"{option} {output}: cannot create folder there ({e.strerror})") from None
-    try:
-        yield staging
-        if output.exists():
-            output.rename(previous)
-        staging.rename(output)
-    except OSError as e:
-        shutil.rmtree(staging, ignore_errors=True)
-        if e.errno in (errno.ENOSPC, errno.EFBIG, errno.EDQUOT):
-            raise UserError(f"{option} {output}: disk full while writing ({os.strerror(e.errno)}); nothing was written") \
-                from None
-        raise
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 
@@ -190,6 +154,8 @@ def make_record(options: dict, tokenizer: Tokenizer, tokenizer_record: dict, cor
             "short_target_fraction": round(total.short_target / instances, 4),
             "truncated_fraction": round(total.truncated / instances, 4),
             "truncated": total.truncated,
+            "truncated_tokens": total.truncated_tokens,
+            "truncated_token_fraction": round(total.truncated_tokens / max(total.pair_tokens, 1), 4),
             "unk_rate": round(total.unk_tokens / max(total.tokens, 1), 6),
             "invalid_utf8_bytes": corpus["invalid_utf8_bytes"],
             "invalid_utf8_by_file": corpus["invalid_utf8_by_file"],
@@ -227,6 +193,15 @@ def summary(record: dict, output: Path) -> str:
         warnings.append(f"{100 * s['not_next_fraction']:.1f}% of pairs are NotNext, not {100 * nsp_probability:.0f}%: "
                         "most chunks hold one sentence (documents of one sentence, or sentences longer than "
                         "--max-seq-length), and a one-sentence chunk always gets a random B")
+    if s.get("truncated_token_fraction", 0) > 0.05:
+        warnings.append(f"truncation to --max-seq-length dropped {s['truncated_tokens']} tokens of text, "
+                        f"{100 * s['truncated_token_fraction']:.1f}% of what the pairs took (above 5%): pairs end with the "
+                        "sentence that crosses the target length and are cut to --max-seq-length, as in Google's "
+                        "BERT; a longer --max-seq-length loses less")
+    requested = record["options"].get("vocab_size")
+    if t["trained"] and requested and t["vocab_size"] < requested // 2:
+        warnings.append(f"the trained vocabulary has {t['vocab_size']} entries, far fewer than --vocab-size "
+                        f"{requested}: the corpus is too small to learn a vocabulary from")
     if s.get("skipped_files"):
         warnings.append(f"{len(s['skipped_files'])} unreadable files were skipped (listed in prepare.json)")
     if s["invalid_utf8_bytes"]:
@@ -241,7 +216,8 @@ def summary(record: dict, output: Path) -> str:
         f"  pairs       train {c['splits']['train']['instances']} ({c['splits']['train']['documents']} documents), "
         f"validation {c['splits']['validation']['instances']} ({c['splits']['validation']['documents']} documents)",
         f"  NotNext {100 * s['not_next_fraction']:.1f}%   short targets {100 * s['short_target_fraction']:.1f}%   "
-        f"truncated {100 * s['truncated_fraction']:.1f}%",
+        f"truncated {100 * s['truncated_fraction']:.1f}% of pairs, "
+        f"{100 * s.get('truncated_token_fraction', 0):.1f}% of the text",
         "  sequence lengths:",
         bars,
     ] + [f"  warning: {w}" for w in warnings]
@@ -295,8 +271,25 @@ class PreparedData:
                     parts = [datasets.Dataset.from_file(str(p), info=info) for p in paths]
                 except (OSError, pa.ArrowInvalid) as e:
                     raise UserError(f"{self.option} {self.path}: cannot read {name} data ({e})") from None
+                for path, part in zip(paths, parts):
+                    self._check_token_ids(path, part)
                 splits[name] = parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
         return datasets.DatasetDict(splits)
+
+    def _check_token_ids(self, path: Path, part) -> None:
+        """Every token id of a data file lies in the tokenizer's vocabulary (one vectorised pass
+        over the memory-mapped column), so a damaged or foreign file is refused before training."""
+        import pyarrow.compute as pc
+
+        ids = pc.list_flatten(part.data.column("input_ids"))
+        if len(ids) == 0:
+            return
+        low, high = pc.min_max(ids).values()
+        if low.as_py() < 0 or high.as_py() >= self.vocab_size:
+            bad = low.as_py() if low.as_py() < 0 else high.as_py()
+            raise UserError(f"{self.option} {self.path}: {path.name} holds token id {bad}, outside the tokenizer's "
+                            f"vocabulary of {self.vocab_size}; the file is damaged or from another tokenizer "
+                            "(run `bertpre prepare` again)")
 
 
 def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
@@ -309,6 +302,13 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
     if len(shards) < 2:
         raise UserError("bertpre combine needs at least two prepared folders")
     parts = [PreparedData(path, option="shard") for path in shards]
+    seen: dict[str, Path] = {}
+    for part in parts:
+        fingerprint = content_fingerprint(part)
+        if fingerprint in seen:
+            raise UserError(f"shard {part.path} holds the same data as shard {seen[fingerprint]}; "
+                            "give each shard once")
+        seen[fingerprint] = part.path
     first = parts[0]
     for part in parts[1:]:
         for what, mine, theirs in (("tokenizer", part.fingerprint, first.fingerprint),
@@ -325,7 +325,7 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
     for part in parts:
         for key, value in part.record["corpus"].items():
             corpus[key] = {**corpus[key], **value} if isinstance(value, dict) else corpus[key] + value
-    with staged_output(output, overwrite) as staging:
+    with staged_output(output, overwrite, inputs=[p.path for p in parts]) as staging:
         (staging / "dataset").mkdir()
         for name in SPLITS:
             sources = [path for part in parts for path in part.split_files()[name]]
@@ -339,6 +339,19 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
         record["seconds"] = round(time.perf_counter() - started, 2)
         (staging / "prepare.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     return record
+
+
+def content_fingerprint(prepared: PreparedData) -> str:
+    """What identifies a prepared folder's content, wherever it lies: its record and, per data
+    file, the size and the first MiB (a copied or linked shard gives the same value)."""
+    digest = hashlib.blake2b(digest_size=16)
+    digest.update((prepared.path / "prepare.json").read_bytes())
+    for name, paths in prepared.split_files().items():
+        for path in paths:
+            digest.update(f"{name}:{path.stat().st_size}".encode())
+            with open(path, "rb") as f:
+                digest.update(f.read(1 << 20))
+    return digest.hexdigest()
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

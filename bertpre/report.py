@@ -35,6 +35,14 @@ def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
         import matplotlib.pyplot as plt
     except ImportError:
         raise UserError("bertpre inspect needs matplotlib: pip install matplotlib") from None
+    if plot is not None:
+        formats = plt.figure().canvas.get_supported_filetypes()
+        plt.close("all")
+        suffix = Path(plot).suffix.lower().lstrip(".")
+        if suffix not in formats:
+            raise UserError(f"--plot {plot}: not an image file name (use .png, .pdf or .svg)")
+        if Path(plot).is_dir():
+            raise UserError(f"--plot {plot} is a folder; name an image file")
     prepared = PreparedData(path, option="inspect")
     record = prepared.record
     counts = token_counts(prepared)

@@ -67,6 +67,18 @@ def _set_pair_template(tokenizer: Tokenizer, source: str) -> Tokenizer:
     return tokenizer
 
 
+MAX_VOCAB_SIZE = 1 << 20
+
+
+def check_vocab_size(vocab_size: int) -> None:
+    """Refuse a vocabulary size that cannot work before any work starts."""
+    if vocab_size < len(SPECIAL_TOKENS) + 100:
+        raise UserError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size}")
+    if vocab_size > MAX_VOCAB_SIZE:
+        raise UserError(f"--vocab-size must be at most {MAX_VOCAB_SIZE}, got {vocab_size} (the WordPiece trainer's "
+                        "memory grows with it; BERT vocabularies hold 30k-120k entries)")
+
+
 def train_tokenizer(texts: Sequence[str], vocab_size: int = 30522, lowercase: bool = True) -> Tokenizer:
     """Train a BERT WordPiece vocabulary on ``texts``; the same texts give the same vocabulary.
 
@@ -76,8 +88,7 @@ def train_tokenizer(texts: Sequence[str], vocab_size: int = 30522, lowercase: bo
     declared as the trainer's special tokens, but the model is rebuilt from the plain
     vocabulary afterwards, so they end up as ordinary tokens.
     """
-    if vocab_size < len(SPECIAL_TOKENS) + 100:
-        raise UserError(f"--vocab-size must be at least {len(SPECIAL_TOKENS) + 100}, got {vocab_size}")
+    check_vocab_size(vocab_size)
     tokenizer = _with_bert_pipeline(models.WordPiece(unk_token=UNK, max_input_chars_per_word=100), lowercase)
     characters: set[str] = set()
     for start in range(0, len(texts), 10_000):

@@ -24,14 +24,16 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bertpre.data import PretrainDataModule
 from bertpre.errors import UserError
+from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
 from bertpre.faults import (
     AtomicCheckpointIO,
+    NonFiniteGuard,
     PreemptionCheckpoint,
     check_checkpoint_file,
     check_writable,
     resolve_ckpt_path,
 )
-from bertpre.module import CHECKPOINT_KEY, PretrainModule, read_checkpoint
+from bertpre.module import PretrainModule
 
 
 class BertpreCLI(LightningCLI):
@@ -53,6 +55,11 @@ class BertpreCLI(LightningCLI):
 
         return TASK_KEY
 
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--overwrite", type=bool, default=False,
+                            help="start afresh in a run folder that holds another run's checkpoints, deleting them "
+                                 "(without it such a folder is refused unless --ckpt_path resumes it)")
+
     def instantiate_trainer(self, **kwargs):
         root = Path(self._get(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
@@ -62,17 +69,28 @@ class BertpreCLI(LightningCLI):
             tensorboard = TensorBoardLogger(root, name="logs", default_hp_metric=False)
             trainer.loggers = [tensorboard, CSVLogger(root, name="logs", version=tensorboard.version)]
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath is None:
-                callback.dirpath = str(root / "checkpoints")
+            if isinstance(callback, ModelCheckpoint):
+                if callback.dirpath is None:
+                    callback.dirpath = str(root / "checkpoints")
+                # last.ckpt is always this run's newest (no last-v1.ckpt beside a stale last.ckpt); another
+                # run's checkpoints are refused in before_fit, so nothing else of value can be replaced
+                callback._enable_version_counter = False
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         return trainer
 
     def before_fit(self) -> None:
-        """Check the checkpoint to resume from (and resolve ``last-good``) before any work."""
-        callback = self.trainer.checkpoint_callback
-        directory = Path(callback.dirpath) if isinstance(callback, ModelCheckpoint) and callback.dirpath else \
-            Path(self.trainer.default_root_dir) / "checkpoints"
+        """Check the checkpoint to resume from (and resolve ``last-good``) before any work; refuse to
+        start afresh over another run's checkpoints unless told to (``--overwrite``)."""
+        directory = checkpoint_dir(self.trainer)
         config = self.config_init[self.subcommand]
+        existing = run_checkpoints(directory)
+        if existing and config.get("ckpt_path") is None:
+            if not config.get("overwrite"):
+                raise UserError(f"{directory} holds checkpoints of an earlier run ({existing[-1].name}, ...); resume "
+                                "it with --ckpt_path last, choose another trainer.default_root_dir, or pass "
+                                "--overwrite to delete them and start afresh")
+            for path in existing:
+                path.unlink()
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), directory)
         config["weights_only"] = True  # Lightning restores tensors and plain data only: nothing in the file runs
 
@@ -80,14 +98,26 @@ class BertpreCLI(LightningCLI):
         trainer = self.trainer
         if trainer.global_rank != 0:
             return
+        stopped = PreemptionCheckpoint.stopped
+        guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
+        if trainer.global_step == 0 and stopped is None:
+            raise UserError("no training step ran (trainer.max_steps, trainer.max_time or the data allowed none); "
+                            "no checkpoint written")
+        if guard is not None and guard.skipped and guard.succeeded == 0:
+            raise UserError(f"every step of this run was non-finite ({len(guard.skipped)} skipped); the weights did "
+                            "not change (check the initial weights, model.learning_rate and the data)")
         lines = [f"trained {trainer.global_step} steps"]
         callback = trainer.checkpoint_callback
-        if isinstance(callback, ModelCheckpoint) and callback.dirpath:
-            last = Path(callback.dirpath) / "last.ckpt"
-            lines.append(f"  checkpoint  {last if last.exists() else callback.best_model_path or callback.dirpath}")
+        if isinstance(callback, ModelCheckpoint):
+            written = [Path(p) for p in (stopped[1] if stopped else None, callback.last_model_path,
+                                         callback.best_model_path) if p]
+            written = [p for p in written if p.is_file()]
+            if written:
+                lines.append(f"  checkpoint  {max(written, key=lambda p: p.stat().st_mtime)}")
         for logger in trainer.loggers:
             if isinstance(logger, CSVLogger):
-                lines.append(f"  metrics     {Path(logger.log_dir) / 'metrics.csv'}")
+                if (Path(logger.log_dir) / "metrics.csv").is_file():
+                    lines.append(f"  metrics     {Path(logger.log_dir) / 'metrics.csv'}")
             elif isinstance(logger, TensorBoardLogger):
                 lines.append(f"  tensorboard tensorboard --logdir {logger.log_dir}")
         metrics = trainer.callback_metrics

@@ -62,6 +62,7 @@ def make_uniform_dataset(source: Path, out: Path, rows: int) -> None:
             writer.write_table(part)
 
 
+@pytest.mark.slow
 def test_ddp_on_two_cpu_processes_matches_one_process(sample_prepared, tmp_path):
     static = tmp_path / "static"
     subprocess.run([sys.executable, "-m", "bertpre.cli", "prepare", "--input", str(SAMPLE / "austen-persuasion.txt"),

@@ -72,6 +72,7 @@ def reference(sample_prepared, tmp_path_factory) -> tuple[Path, dict[int, float]
     return run, losses(run, 0)
 
 
+@pytest.mark.slow
 def test_sigkill_between_checkpoints_then_resume_gives_the_same_losses(sample_prepared, reference, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path, sample_prepared, run)
@@ -90,7 +91,8 @@ def test_sigkill_between_checkpoints_then_resume_gives_the_same_losses(sample_pr
     assert max(abs(resumed[s] - expected[s]) for s in resumed) <= 1e-6, [(s, resumed[s], expected[s]) for s in resumed]
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_preemption_signal_saves_a_checkpoint_before_exit(sample_prepared, reference, tmp_path, signum):
     run = tmp_path / "run"
     config = write_config(tmp_path, sample_prepared, run)
@@ -107,6 +109,8 @@ def test_preemption_signal_saves_a_checkpoint_before_exit(sample_prepared, refer
            f"and --ckpt_path last" in out
     code, out, err = finish(train(config, "--ckpt_path", "last"))
     assert code == 0, err[-3000:]
+    assert f"  checkpoint  {last}\n" in out and step_of(last) == STEPS, "last.ckpt is the resumed run's newest"
+    assert not list(last.parent.glob("last-v*.ckpt")), "no versioned last beside a stale last.ckpt"
     resumed, expected = losses(run, 1), reference[1]
     assert min(resumed) == stopped_at
     assert max(abs(resumed[s] - expected[s]) for s in resumed) <= 1e-6
@@ -114,7 +118,7 @@ def test_preemption_signal_saves_a_checkpoint_before_exit(sample_prepared, refer
 
 KILL_DURING_SECOND_LAST_SAVE = """
 import builtins, os, signal, sys
-import bertpre.faults
+import bertpre.outputs
 writes = []
 def open_(path, mode="r", *args, **kwargs):
     f = builtins.open(path, mode, *args, **kwargs)
@@ -127,12 +131,13 @@ def open_(path, mode="r", *args, **kwargs):
                 os.kill(os.getpid(), signal.SIGKILL)
             f.write = write
     return f
-bertpre.faults.open = open_
+bertpre.outputs.open = open_
 from bertpre.cli import main
 main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(sample_prepared, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path, sample_prepared, run, workers=0)
@@ -148,6 +153,7 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint_whole(sample_prepar
     assert code == 0 and f"trained {STEPS} steps" in out, err[-3000:]
 
 
+@pytest.mark.slow
 def test_a_corrupt_checkpoint_names_the_previous_good_one_and_last_good_resumes(sample_prepared, tmp_path, capsys):
     run = tmp_path / "run"
     config = write_config(tmp_path, sample_prepared, run, steps=3 * CHECKPOINT_EVERY, workers=0)

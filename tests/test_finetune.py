@@ -125,3 +125,19 @@ def test_a_non_finite_fine_tuning_step_is_skipped(pretrained, sst2_slice, tmp_pa
 
     with pytest.raises(UserError, match="model.nonfinite must be 'skip' or 'stop'"):
         ClassifierModule(str(pretrained), nonfinite="ignore")
+
+
+def test_a_jsonl_null_is_a_missing_text_and_empty_rows_are_warned_about(tmp_path, capsys):
+    path = tmp_path / "t.jsonl"
+    path.write_text('{"sentence": "a fine film", "label": 1}\n{"sentence": null, "label": 0}\n'
+                    '{"sentence": "  ", "label": 1}\n')
+    rows = read_table(path)
+    assert rows[1]["sentence"] == "" and rows[0]["label"] == "1"
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", "max_seq_length": 16}
+    from tokenizers import Tokenizer, models
+
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1}, unk_token="[UNK]"))
+    encoded = encode_rows(rows, str(path), tokenizer, columns, ["0", "1"])
+    assert len(encoded) == 3
+    assert capsys.readouterr().err.strip() == (f"bertpre: warning: {path}: 2 of 3 rows have an empty 'sentence' "
+                                               "(rows 2, 3); they are kept")

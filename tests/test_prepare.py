@@ -138,3 +138,43 @@ def test_empty_corpus_is_refused_and_leaves_nothing(tmp_path):
         prepare(PrepareOptions(inputs=[str(empty)], output=out))
     assert not out.exists()
     assert not list(tmp_path.glob(".out*")), "no staging folder left behind"
+
+
+def test_a_sentence_longer_than_a_pair_is_split_not_truncated_away(sample_prepared, tmp_path, capsys):
+    """A 40,000-word line without a sentence end: its text goes into pairs, not into one
+    truncated pair; the summary states how much text truncation dropped."""
+    words = " ".join(f"word{i % 500} and more" for i in range(40_000 // 3))
+    (tmp_path / "long.txt").write_text(words + "\n")
+    record = prepare(PrepareOptions(inputs=[str(tmp_path / "long.txt")], output=tmp_path / "out",
+                                    tokenizer=str(sample_prepared), validation_fraction=0.0,
+                                    pairs=PairOptions(max_seq_length=64)))
+    split = record["split_stats"]["train"]
+    used = split["pair_tokens"] - split["truncated_tokens"]  # the line's tokens that made it into pairs
+    assert used >= 0.7 * split["tokens"], split
+    assert 0.3 < record["statistics"]["not_next_fraction"] < 0.7, "pieces of the line pair up as IsNext too"
+    from bertpre.prepared import summary
+
+    assert "% of the text" in summary(record, tmp_path / "out")
+
+
+def test_truncation_loss_is_counted_and_warned_about(gutenberg_prepared):
+    """Google's pairing ends a chunk with the sentence that crosses the target length and cuts the
+    pair to max_seq_length: on books at seq 128 that drops a measurable share of the text."""
+    from bertpre.prepared import summary
+
+    record = json.loads((gutenberg_prepared / "prepare.json").read_text())
+    stats = record["statistics"]
+    assert 0 < stats["truncated_tokens"] and 0.05 < stats["truncated_token_fraction"] < 0.3, stats
+    assert any(line.startswith("  warning: truncation to --max-seq-length dropped")
+               for line in summary(record, gutenberg_prepared).splitlines())
+
+
+def test_a_corpus_too_small_for_its_vocabulary_is_warned_about(tmp_path):
+    from bertpre.prepared import summary
+
+    (tmp_path / "one.txt").write_text("Just one short sentence here.\n\nAnd a second document too.\n")
+    record = prepare(PrepareOptions(inputs=[str(tmp_path / "one.txt")], output=tmp_path / "out", vocab_size=8192,
+                                    validation_fraction=0.0))
+    assert record["tokenizer"]["vocab_size"] < 200
+    assert f"  warning: the trained vocabulary has {record['tokenizer']['vocab_size']} entries, far fewer than " \
+           "--vocab-size 8192: the corpus is too small to learn a vocabulary from" in summary(record, tmp_path / "out")
