@@ -206,6 +206,10 @@ class NonFiniteGuard(L.Callback):
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
         loss = getattr(pl_module, "last_loss", None)
+        if getattr(trainer.precision_plugin, "scaler", None) is not None:
+            # 16-mixed: overflowing (scaled) gradients are the GradScaler's business: it skips that step
+            # and lowers its scale. Only a non-finite loss is a fault here.
+            norm = torch.zeros(())
         finite = torch.isfinite(norm) if loss is None else torch.isfinite(norm) & torch.isfinite(loss)
         if trainer.world_size > 1:
             finite = torch.tensor(trainer.strategy.reduce_boolean_decision(bool(finite), all=True))

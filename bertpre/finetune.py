@@ -32,7 +32,7 @@ from bertpre.errors import UserError
 from bertpre.export import load_pretrained
 from bertpre.faults import NonFiniteGuard
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import build_optimizer
+from bertpre.optim import build_optimizer, clip_gradients
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
 
 TASK_KEY = "bertpre_task"
@@ -305,6 +305,11 @@ class ClassifierModule(L.LightningModule):
         optimizer, scheduler = build_optimizer(self, "adamw", self.hparams.learning_rate, self.hparams.weight_decay,
                                                (0.9, 0.999), 1e-6, warmup, total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val:  # also for fused AdamW under a GradScaler (see bertpre.optim.clip_gradients)
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
+                           getattr(self.trainer.precision_plugin, "scaler", None))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_KEY] = {

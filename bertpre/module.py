@@ -25,7 +25,7 @@ from bertpre.faults import NonFiniteGuard, PreemptionCheckpoint, all_finite, che
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import OPTIMIZERS, build_optimizer
+from bertpre.optim import OPTIMIZERS, adamw_implementation, build_optimizer, clip_gradients
 from bertpre.throughput import ThroughputLogger
 
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
@@ -42,6 +42,7 @@ class PretrainModule(L.LightningModule):
         warmup_fraction: float = 0.01,
         init_from: str | None = None,
         optimizer: str = "adamw",
+        optimizer_implementation: str = "auto",
         vocab_multiple_of: int = 1,
         compile: bool = False,
         activation_checkpointing: bool = False,
@@ -57,7 +58,9 @@ class PretrainModule(L.LightningModule):
             adam_eps: AdamW epsilon
             warmup_fraction: share of trainer.max_steps spent in linear warmup; then linear decay to 0
             init_from: a bertpre checkpoint whose weights start this run (e.g. phase 2 from phase 1)
-            optimizer: "adamw" (fused on GPU) or "lamb" (for batches of many thousands)
+            optimizer: "adamw" or "lamb" (for batches of many thousands)
+            optimizer_implementation: AdamW's kernel: "auto" (fused on CUDA, torch's default elsewhere),
+                "fused", "foreach" or "for-loop"; each works with gradient clipping and every precision
             vocab_multiple_of: when vocab_size is taken from the tokenizer, round it up to a multiple
                 of this (64 suits GPU tensor cores); the extra rows are never predicted
             compile: torch.compile the model
@@ -80,6 +83,8 @@ class PretrainModule(L.LightningModule):
         self.warmup_fraction = warmup_fraction
         if optimizer not in OPTIMIZERS:
             raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
+        adamw_implementation(optimizer_implementation, on_cuda=False)  # checks the name
+        self.optimizer_implementation = optimizer_implementation
         if vocab_multiple_of < 1:
             raise UserError(f"model.vocab_multiple_of must be at least 1, got {vocab_multiple_of}")
         self.init_from = init_from
@@ -92,7 +97,8 @@ class PretrainModule(L.LightningModule):
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
                                    "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from,
-                                   "optimizer": optimizer, "vocab_multiple_of": vocab_multiple_of, "compile": compile,
+                                   "optimizer": optimizer, "optimizer_implementation": optimizer_implementation,
+                                   "vocab_multiple_of": vocab_multiple_of, "compile": compile,
                                    "activation_checkpointing": activation_checkpointing, "nonfinite": nonfinite,
                                    "max_nonfinite_in_a_row": max_nonfinite_in_a_row})
         self.model: BertForPretraining | None = None
@@ -165,9 +171,13 @@ class PretrainModule(L.LightningModule):
         check_free_space(directory, checkpoint_bytes(self.model, optimizer_states), kept, "trainer.default_root_dir")
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        """Dropout's randomness for this step comes from (seed, step, rank) alone, so a resumed
-        run draws exactly what an uninterrupted one would (masks are seeded by the data)."""
+        """Dropout's randomness for this step comes from (seed, step, rank, and the micro-batch
+        within the step under gradient accumulation) alone, so a resumed run draws exactly what
+        an uninterrupted one would (masks are seeded by the data)."""
         entropy = [int(os.environ.get("PL_GLOBAL_SEED", 0)), self.trainer.global_step, self.global_rank]
+        accumulate = self.trainer.accumulate_grad_batches
+        if accumulate > 1:  # the micro-batches of one optimizer step draw different dropout masks
+            entropy.append(batch_idx % accumulate)
         torch.manual_seed(int(np.random.SeedSequence(entropy).generate_state(1, dtype=np.uint64)[0] >> 1))
 
     # --- checkpoints --------------------------------------------------------------------
@@ -234,6 +244,12 @@ class PretrainModule(L.LightningModule):
             raise UserError("set trainer.max_steps: the learning rate decays linearly to zero at max_steps")
         warmup = max(1, math.ceil(self.warmup_fraction * total))
         optimizer, scheduler = build_optimizer(
-            self.model, self.optimizer_name, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps, warmup, total
+            self.model, self.optimizer_name, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps, warmup,
+            total, self.optimizer_implementation,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
+        if gradient_clip_val:  # through the path that also works for fused AdamW under a GradScaler
+            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
+                           getattr(self.trainer.precision_plugin, "scaler", None))

@@ -11,6 +11,9 @@ from torch.optim.lr_scheduler import LambdaLR
 from bertpre.errors import UserError
 
 OPTIMIZERS = ("adamw", "lamb")
+# AdamW's kernels: "fused" (one kernel per step; CUDA and, since torch 2.4, CPU), "foreach" (multi-tensor
+# ops), "for-loop" (one tensor at a time); "auto" takes fused on CUDA and torch's default elsewhere.
+IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
 
 class Lamb(Optimizer):
@@ -81,6 +84,17 @@ def linear_schedule(warmup_steps: int, total_steps: int):
     return multiplier
 
 
+def adamw_implementation(implementation: str, on_cuda: bool) -> dict:
+    """AdamW's keyword arguments that choose its kernel (see IMPLEMENTATIONS)."""
+    if implementation not in IMPLEMENTATIONS:
+        raise UserError(f"model.optimizer_implementation must be one of {', '.join(IMPLEMENTATIONS)}, "
+                        f"got {implementation!r}")
+    if implementation == "auto":
+        implementation = "fused" if on_cuda else "default"
+    return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False},
+            "default": {}}[implementation]
+
+
 def build_optimizer(
     model: nn.Module,
     name: str,
@@ -90,13 +104,35 @@ def build_optimizer(
     eps: float,
     warmup_steps: int,
     total_steps: int,
+    implementation: str = "auto",
 ) -> tuple[Optimizer, LambdaLR]:
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         on_cuda = next(model.parameters()).is_cuda
-        optimizer = AdamW(groups, lr=learning_rate, betas=betas, eps=eps, fused=on_cuda or None)
+        optimizer = AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **adamw_implementation(implementation, on_cuda))
     elif name == "lamb":
         optimizer = Lamb(groups, lr=learning_rate, betas=betas, eps=eps)
     else:
         raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
     return optimizer, LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
+
+
+def clip_gradients(optimizer: Optimizer, max_value: float, algorithm: str | None = "norm", scaler=None) -> None:
+    """Clip the gradients of ``optimizer``'s parameters (total norm, or each entry with
+    ``algorithm="value"``) for any AdamW kernel and precision.
+
+    Lightning refuses to clip for an optimizer that unscales inside its own step (fused AdamW),
+    because under a GradScaler its gradients are still scaled when clipping runs. Here such
+    gradients are unscaled first (``scaler.unscale_``; the scaler's step then knows they are),
+    so the threshold applies to the true gradients; without a scaler (bf16, fp32) there is
+    nothing to unscale. Other optimizers were unscaled by Lightning before this point.
+    """
+    if algorithm not in (None, "norm", "value"):
+        raise UserError(f"trainer.gradient_clip_algorithm must be 'norm' or 'value', got {algorithm!r}")
+    if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):
+        scaler.unscale_(optimizer)
+    params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+    if algorithm == "value":
+        torch.nn.utils.clip_grad_value_(params, max_value)
+    else:
+        torch.nn.utils.clip_grad_norm_(params, max_value)
