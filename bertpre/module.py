@@ -10,16 +10,18 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
 import numpy as np
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import MeanMetric, SumMetric
 
 import bertpre
 from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
+from bertpre.context import masked_accuracy_counts, ordinary_ids, random_context
 from bertpre.errors import UserError
 from bertpre.faults import NonFiniteGuard, PreemptionCheckpoint, all_finite, check_free_space, checkpoint_bytes
 from bertpre.loss import pretraining_loss
@@ -27,6 +29,7 @@ from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig, BertForPretraining
 from bertpre.optim import OPTIMIZERS, adamw_implementation, build_optimizer, clip_gradients
 from bertpre.throughput import ThroughputLogger
+from bertpre.tokenizer import special_ids
 
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
 
@@ -48,6 +51,9 @@ class PretrainModule(L.LightningModule):
         activation_checkpointing: bool = False,
         nonfinite: str = "skip",
         max_nonfinite_in_a_row: int = 10,
+        context_gain_batches: int = 8,
+        plateau_check_fraction: float = 0.3,
+        plateau_min_gain: float = 0.02,
     ) -> None:
         """
         Args:
@@ -69,6 +75,12 @@ class PretrainModule(L.LightningModule):
             nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or
                 "stop"s the run; either way it is reported with its step number
             max_nonfinite_in_a_row: with "skip", stop after this many non-finite steps in a row
+            context_gain_batches: validation batches (from the first) on which val/mlm_context_gain is
+                measured: MLM accuracy with real context minus accuracy with the unmasked tokens replaced by
+                random ones (0 turns it off)
+            plateau_check_fraction: at the first validation after this share of trainer.max_steps, a context
+                gain below plateau_min_gain prints one warning: the model is on the MLM plateau
+            plateau_min_gain: see plateau_check_fraction
         """
         super().__init__()
         if learning_rate <= 0:
@@ -93,6 +105,13 @@ class PretrainModule(L.LightningModule):
         self.compile_model = compile
         self.activation_checkpointing = activation_checkpointing
         self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_in_a_row)
+        if context_gain_batches < 0:
+            raise UserError(f"model.context_gain_batches must be 0 or more, got {context_gain_batches}")
+        if not 0.0 <= plateau_check_fraction <= 1.0:
+            raise UserError(f"model.plateau_check_fraction must be in [0, 1], got {plateau_check_fraction}")
+        self.context_gain_batches = context_gain_batches
+        self.plateau_check_fraction, self.plateau_min_gain = plateau_check_fraction, plateau_min_gain
+        self.plateau_checked = False
         self.last_loss: torch.Tensor | None = None
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
@@ -100,12 +119,19 @@ class PretrainModule(L.LightningModule):
                                    "optimizer": optimizer, "optimizer_implementation": optimizer_implementation,
                                    "vocab_multiple_of": vocab_multiple_of, "compile": compile,
                                    "activation_checkpointing": activation_checkpointing, "nonfinite": nonfinite,
-                                   "max_nonfinite_in_a_row": max_nonfinite_in_a_row})
+                                   "max_nonfinite_in_a_row": max_nonfinite_in_a_row,
+                                   "context_gain_batches": context_gain_batches,
+                                   "plateau_check_fraction": plateau_check_fraction,
+                                   "plateau_min_gain": plateau_min_gain})
         self.model: BertForPretraining | None = None
         self.tokenizer_json: str | None = None
         self.tokenizer_fingerprint: str | None = None
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
         self.val_target_counts: torch.Tensor | None = None  # for the most-frequent-token baseline
+        # correct predictions and predictions on the context-gain slice, with real and with random context
+        self.context_counts = torch.nn.ModuleDict({name: SumMetric() for name in ("real", "random", "predicted")})
+        self.special_ids: torch.Tensor | None = None
+        self.ordinary_ids: torch.Tensor | None = None
 
     # --- model construction -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -129,6 +155,9 @@ class PretrainModule(L.LightningModule):
         self.config = config
         self.tokenizer_json = prepared.tokenizer.to_str()
         self.tokenizer_fingerprint = prepared.fingerprint
+        special = list(special_ids(prepared.tokenizer).all)
+        self.special_ids = torch.tensor(special, dtype=torch.long)
+        self.ordinary_ids = ordinary_ids(prepared.vocab_size, special)
         self.model = BertForPretraining(config)
         self.model.activation_checkpointing = self.activation_checkpointing
         if self.init_from:
@@ -217,6 +246,8 @@ class PretrainModule(L.LightningModule):
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self._step(batch)
+        if batch_idx < self.context_gain_batches:
+            self._context_gain_update(batch, batch_idx)
         size = batch["input_ids"].shape[0]
         for name in METRICS:
             weight = out.num_predicted if name.startswith("mlm") else size
@@ -225,7 +256,43 @@ class PretrainModule(L.LightningModule):
         counts = torch.bincount(targets, minlength=self.config.vocab_size)
         self.val_target_counts = counts if self.val_target_counts is None else self.val_target_counts + counts
 
+    def _context_gain_update(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
+        """Accuracy on this batch with real context and with random context (same predicted positions)."""
+        labels = batch["labels"]
+        predict = labels != IGNORE_INDEX  # (B, T)
+        targets = labels[predict]
+        generator = torch.Generator(device=labels.device).manual_seed(batch_idx)
+        shuffled = random_context(batch["input_ids"], labels, batch["attention_mask"], self.ordinary_ids,
+                                  self.special_ids.to(labels.device), generator)
+        for name, ids in (("real", batch["input_ids"]), ("random", shuffled)):
+            mlm_logits, _ = self.model(ids, batch["token_type_ids"], batch["attention_mask"], predict=predict)
+            correct, _ = masked_accuracy_counts(mlm_logits, targets)
+            self.context_counts[name].update(correct)
+        self.context_counts["predicted"].update(targets.numel())
+
+    def _log_context_gain(self) -> None:
+        counts = {name: metric.compute() for name, metric in self.context_counts.items()}
+        for metric in self.context_counts.values():
+            metric.reset()
+        if counts["predicted"] <= 0:
+            return
+        random_accuracy = counts["random"] / counts["predicted"]
+        gain = (counts["real"] - counts["random"]) / counts["predicted"]
+        self.log("val/mlm_random_context_accuracy", random_accuracy)
+        self.log("val/mlm_context_gain", gain)
+        trainer = self.trainer
+        if self.plateau_checked or trainer.sanity_checking or not trainer.max_steps or trainer.max_steps < 0:
+            return
+        if trainer.global_step >= self.plateau_check_fraction * trainer.max_steps:
+            self.plateau_checked = True
+            if float(gain) < self.plateau_min_gain and trainer.is_global_zero:
+                print(f"bertpre: warning: step {trainer.global_step} ({100 * trainer.global_step / trainer.max_steps:.0f}% "
+                      f"of the run): val/mlm_context_gain {float(gain):.3f} (below model.plateau_min_gain "
+                      f"{self.plateau_min_gain}): the model barely uses context, the MLM plateau; it needs more "
+                      "steps or another recipe (README: Learning)", file=sys.stderr, flush=True)
+
     def on_validation_epoch_end(self) -> None:
+        self._log_context_gain()
         values = {name: metric.compute() for name, metric in self.val_metrics.items()}
         for name, value in values.items():
             self.log(f"val/{name}", value, prog_bar=name == "mlm_accuracy")

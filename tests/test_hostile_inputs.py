@@ -186,6 +186,33 @@ CASES = [
           "hf/model.safetensors": b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\""}, absent=("imported.ckpt",)),
     Case("inspect figure that is not an image", ["inspect", "{data}", "--plot", "{tmp}/r.txt"],
          "--plot {tmp}/r.txt: not an image file name (use .png, .pdf or .svg)", absent=("r.txt",)),
+    Case("export output that is the checkpoint", ["export", "{tmp}/model.ckpt", "--output", "{tmp}/model.ckpt",
+                                                  "--overwrite"],
+         "--output {tmp}/model.ckpt is the input {tmp}/model.ckpt; write the output elsewhere",
+         unchanged=("model.ckpt",)),
+    Case("import output that is the input folder", ["import", "{tmp}/hf", "--output", "{tmp}/hf", "--overwrite"],
+         "--output {tmp}/hf is the input {tmp}/hf; write the output elsewhere", {"hf/config.json": "{}"},
+         unchanged=("hf/config.json",)),
+    Case("tokenizer output over a file", ["tokenizer", "--input", "{tmp}/corpus.txt", "--output", "{tmp}/tok",
+                                          "--overwrite"],
+         "--output {tmp}/tok is a file; name a folder", {"corpus.txt": TEXT, "tok": "my notes"}, unchanged=("tok",)),
+    Case("combine over a folder in use", ["combine", "{tmp}/a", "{tmp}/b", "--output", "{tmp}/c"],
+         "--output {tmp}/c exists and is not empty (use --overwrite to replace it)", {"c/mine.txt": "keep"},
+         unchanged=("c/mine.txt",)),
+    Case("combine of a single shard", ["combine", "{tmp}/a", "--output", "{tmp}/c"],
+         "bertpre combine needs at least two prepared folders", absent=("c",)),
+    Case("predict with a pretraining checkpoint", predict_args("--output", "{tmp}/p.tsv"),
+         "checkpoint {ckpt}: not a `bertpre finetune` checkpoint (no 'bertpre_task' entry)", {"t.tsv": LABELLED},
+         absent=("p.tsv",)),
+    Case("inspect of a folder that was never prepared", ["inspect", "{tmp}"],
+         "inspect {tmp}: no prepare.json; not a folder written by `bertpre prepare`"),
+    Case("inspect figure over a folder", ["inspect", "{data}", "--plot", "{tmp}/d.png"],
+         "--plot {tmp}/d.png is a folder; name an image file", {"d.png/x": "x"}, unchanged=("d.png/x",)),
+    Case("negative context-gain slice", train_args("--model.context_gain_batches", "-1"),
+         "model.context_gain_batches must be 0 or more, got -1", absent=("run/checkpoints",)),
+    Case("unknown AdamW kernel", train_args("--model.optimizer_implementation", "fast"),
+         "model.optimizer_implementation must be one of auto, fused, foreach, for-loop, got 'fast'",
+         absent=("run/checkpoints",)),
     Case("fine-tuning with a single class",
          ["finetune", "--config", SST2_CONFIG, "--model.pretrained", "{ckpt}", "--data.train_file", "{tmp}/t.tsv",
           "--data.validation_file", "{tmp}/t.tsv", "--trainer.default_root_dir", "{tmp}/ft"],
@@ -199,8 +226,8 @@ def pretrained(sample_checkpoint) -> Path:
     return sample_checkpoint
 
 
-def test_there_are_at_least_fifty_hostile_inputs():
-    assert len(CASES) >= 50 and len({c.name for c in CASES}) == len(CASES)
+def test_there_are_at_least_sixty_hostile_inputs():
+    assert len(CASES) >= 60 and len({c.name for c in CASES}) == len(CASES)
     assert {c.argv[0] for c in CASES} >= {"prepare", "tokenizer", "combine", "inspect", "train", "export", "import",
                                           "finetune", "predict"}
 
@@ -215,6 +242,8 @@ def test_hostile_input(case: Case, sample_prepared, pretrained, tmp_path, capsys
         shutil.copytree(sample_prepared, tmp_path / "old")
         record = json.loads((tmp_path / "old" / "prepare.json").read_text())
         (tmp_path / "old" / "prepare.json").write_text(json.dumps({**record, "schema_version": 1}))
+    if "{tmp}/model.ckpt" in case.argv:
+        shutil.copyfile(pretrained, tmp_path / "model.ckpt")
     if case.argv[0] == "combine":
         shutil.copytree(sample_prepared, tmp_path / "a")
         shutil.copytree(sample_prepared, tmp_path / ("a_copy" if "twice" in case.name else "b"))
