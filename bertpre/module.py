@@ -15,6 +15,7 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
+from lightning.pytorch.callbacks import Timer
 import numpy as np
 import torch
 from torchmetrics import MeanMetric, SumMetric
@@ -27,7 +28,15 @@ from bertpre.faults import NonFiniteGuard, PreemptionCheckpoint, all_finite, che
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import OPTIMIZERS, adamw_implementation, build_optimizer, clip_gradients
+from bertpre.optim import (
+    OPTIMIZERS,
+    SCHEDULES,
+    adamw_implementation,
+    build_optimizer,
+    clip_gradients,
+    step_schedule,
+    time_schedule,
+)
 from bertpre.throughput import ThroughputLogger
 from bertpre.tokenizer import special_ids
 
@@ -43,6 +52,9 @@ class PretrainModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_eps: float = 1e-6,
         warmup_fraction: float = 0.01,
+        lr_schedule: str = "linear",
+        decay_fraction: float = 0.2,
+        schedule_by: str = "steps",
         init_from: str | None = None,
         optimizer: str = "adamw",
         optimizer_implementation: str = "auto",
@@ -62,7 +74,13 @@ class PretrainModule(L.LightningModule):
             weight_decay: AdamW weight decay (not applied to biases and LayerNorm)
             adam_betas: AdamW betas
             adam_eps: AdamW epsilon
-            warmup_fraction: share of trainer.max_steps spent in linear warmup; then linear decay to 0
+            warmup_fraction: share of the run spent in linear warmup
+            lr_schedule: after warmup, "linear" decay to 0 (BERT), "cosine" decay to 0, "wsd"
+                (warmup-stable-decay: constant, then linear to 0 over the last decay_fraction of the run)
+                or "constant"
+            decay_fraction: with "wsd", the share of the run spent decaying
+            schedule_by: "steps": the schedule spans trainer.max_steps; "time": it spans trainer.max_time,
+                read as the run goes, so a run given a time budget warms up, decays and ends at 0 within it
             init_from: a bertpre checkpoint whose weights start this run (e.g. phase 2 from phase 1)
             optimizer: "adamw" or "lamb" (for batches of many thousands)
             optimizer_implementation: AdamW's kernel: "auto" (fused on CUDA, torch's default elsewhere),
@@ -87,6 +105,13 @@ class PretrainModule(L.LightningModule):
             raise UserError(f"model.learning_rate must be positive, got {learning_rate}")
         if not 0.0 <= warmup_fraction < 1.0:
             raise UserError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
+        if lr_schedule not in SCHEDULES:
+            raise UserError(f"model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}")
+        if not 0.0 < decay_fraction <= 1.0:
+            raise UserError(f"model.decay_fraction must be in (0, 1], got {decay_fraction}")
+        if schedule_by not in ("steps", "time"):
+            raise UserError(f"model.schedule_by must be 'steps' or 'time', got {schedule_by!r}")
+        self.lr_schedule, self.decay_fraction, self.schedule_by = lr_schedule, decay_fraction, schedule_by
         self.config = config
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
@@ -115,7 +140,8 @@ class PretrainModule(L.LightningModule):
         self.last_loss: torch.Tensor | None = None
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
-                                   "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "init_from": init_from,
+                                   "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "lr_schedule": lr_schedule,
+                                   "decay_fraction": decay_fraction, "schedule_by": schedule_by, "init_from": init_from,
                                    "optimizer": optimizer, "optimizer_implementation": optimizer_implementation,
                                    "vocab_multiple_of": vocab_multiple_of, "compile": compile,
                                    "activation_checkpointing": activation_checkpointing, "nonfinite": nonfinite,
@@ -307,14 +333,33 @@ class PretrainModule(L.LightningModule):
     # --- optimisation -------------------------------------------------------------------
     def configure_optimizers(self):
         total = self.trainer.max_steps  # not estimated_stepping_batches: Lightning #20550
-        if total is None or total <= 0:
-            raise UserError("set trainer.max_steps: the learning rate decays linearly to zero at max_steps")
-        warmup = max(1, math.ceil(self.warmup_fraction * total))
+        if self.schedule_by == "time":
+            multiplier = time_schedule(self._time_budget_used(), self.warmup_fraction, self.lr_schedule,
+                                       self.decay_fraction)
+        else:
+            if total is None or total <= 0:
+                raise UserError("set trainer.max_steps: the learning-rate schedule ends at max_steps "
+                                "(or set model.schedule_by time with trainer.max_time)")
+            warmup = max(1, math.ceil(self.warmup_fraction * total))
+            multiplier = step_schedule(warmup, total, self.lr_schedule, self.decay_fraction)
         optimizer, scheduler = build_optimizer(
-            self.model, self.optimizer_name, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps, warmup,
-            total, self.optimizer_implementation,
+            self.model, self.optimizer_name, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps,
+            0, total, self.optimizer_implementation, multiplier,
         )
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _time_budget_used(self):
+        """() -> the share of trainer.max_time used so far (Lightning's Timer, which a resumed run
+        restores), for model.schedule_by time."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            raise UserError("model.schedule_by time needs trainer.max_time (e.g. --trainer.max_time 00:01:00:00)")
+
+        def used() -> float:
+            elapsed, remaining = timer.time_elapsed(), timer.time_remaining()
+            return elapsed / max(elapsed + remaining, 1e-9)
+
+        return used
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         if gradient_clip_val:  # through the path that also works for fused AdamW under a GradScaler

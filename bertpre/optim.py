@@ -1,7 +1,11 @@
 """Optimizers (AdamW, or LAMB for very large batches) with BERT's weight-decay exclusions,
-and the linear warmup / linear decay schedule."""
+gradient clipping that works for every kernel and precision, and the learning-rate
+schedules: warmup, then linear (BERT), cosine, warmup-stable-decay or constant, by step or
+by the share of a time budget used."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import nn
@@ -73,15 +77,55 @@ def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def linear_schedule(warmup_steps: int, total_steps: int):
-    """LR multiplier: 0 -> 1 over ``warmup_steps``, then 1 -> 0 at ``total_steps``."""
+SCHEDULES = ("linear", "cosine", "wsd", "constant")
+
+
+def decay(schedule: str, progress: float, decay_fraction: float = 0.2) -> float:
+    """LR multiplier after warmup, ``progress`` running 0 -> 1 from the end of warmup to the
+    end of the run: ``linear`` 1 -> 0 (BERT); ``cosine`` half a cosine 1 -> 0; ``wsd``
+    (warmup-stable-decay) 1 until the last ``decay_fraction`` of the run, then linear to 0;
+    ``constant`` 1."""
+    progress = min(max(progress, 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    if schedule == "wsd":
+        return 1.0 if progress <= 1.0 - decay_fraction else (1.0 - progress) / decay_fraction
+    if schedule == "constant":
+        return 1.0
+    raise UserError(f"model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+
+
+def step_schedule(warmup_steps: int, total_steps: int, schedule: str = "linear", decay_fraction: float = 0.2):
+    """LR multiplier by optimizer step: 0 -> 1 over ``warmup_steps``, then ``schedule`` down to
+    the end at ``total_steps`` (linear: exactly 0 there)."""
 
     def multiplier(step: int) -> float:
         if step < warmup_steps:
             return (step + 1) / warmup_steps
-        return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        if schedule == "linear":  # BERT's, in the form earlier bertpre versions computed it
+            return max(0.0, (total_steps - step) / max(1, total_steps - warmup_steps))
+        return decay(schedule, (step - warmup_steps) / max(1, total_steps - warmup_steps), decay_fraction)
 
     return multiplier
+
+
+def time_schedule(progress, warmup_fraction: float, schedule: str = "linear", decay_fraction: float = 0.2):
+    """LR multiplier by the share of a time budget used, ``progress()`` in [0, 1] (read at each
+    step): warmup over the first ``warmup_fraction`` of the time, then ``schedule`` down to the
+    end of the budget, so that a run stopped by ``trainer.max_time`` ends its schedule there."""
+
+    def multiplier(step: int) -> float:
+        used = min(max(progress(), 0.0), 1.0)
+        if used < warmup_fraction:
+            return max(used / warmup_fraction, 1e-3)
+        return decay(schedule, (used - warmup_fraction) / max(1e-9, 1.0 - warmup_fraction), decay_fraction)
+
+    return multiplier
+
+
+linear_schedule = step_schedule  # the name earlier bertpre versions used
 
 
 def adamw_implementation(implementation: str, on_cuda: bool) -> dict:
@@ -105,7 +149,10 @@ def build_optimizer(
     warmup_steps: int,
     total_steps: int,
     implementation: str = "auto",
+    multiplier=None,
 ) -> tuple[Optimizer, LambdaLR]:
+    """The optimizer and its LR scheduler: ``multiplier(step)`` (default: warmup over
+    ``warmup_steps``, linear decay to 0 at ``total_steps``) times ``learning_rate``."""
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         on_cuda = next(model.parameters()).is_cuda
@@ -114,7 +161,7 @@ def build_optimizer(
         optimizer = Lamb(groups, lr=learning_rate, betas=betas, eps=eps)
     else:
         raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {name!r}")
-    return optimizer, LambdaLR(optimizer, linear_schedule(warmup_steps, total_steps))
+    return optimizer, LambdaLR(optimizer, multiplier or step_schedule(warmup_steps, total_steps))
 
 
 def clip_gradients(optimizer: Optimizer, max_value: float, algorithm: str | None = "norm", scaler=None) -> None:

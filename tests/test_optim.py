@@ -83,3 +83,58 @@ def test_optimizer_choice():
     assert isinstance(optimizer, torch.optim.AdamW)
     with pytest.raises(UserError, match="model.optimizer must be one of adamw, lamb"):
         build_optimizer(model, "sgd", 1e-3, 0.01, (0.9, 0.999), 1e-6, 10, 100)
+
+
+def test_schedules_after_warmup_have_their_shapes():
+    from bertpre.optim import step_schedule
+
+    warmup, total = 10, 110
+    for name in ("linear", "cosine", "wsd", "constant"):
+        f = step_schedule(warmup, total, name, decay_fraction=0.2)
+        assert [f(s) for s in range(warmup)] == [(s + 1) / warmup for s in range(warmup)], name
+        assert f(warmup) == 1.0, name
+    cosine = step_schedule(warmup, total, "cosine")
+    assert abs(cosine(60) - 0.5) < 1e-12 and cosine(total) == 0.0
+    wsd = step_schedule(warmup, total, "wsd", decay_fraction=0.2)  # decays over the last 20 of 100 steps
+    assert wsd(90) == 1.0 and abs(wsd(100) - 0.5) < 1e-12 and wsd(total) == 0.0
+    assert step_schedule(warmup, total, "constant")(total) == 1.0
+    linear = step_schedule(warmup, total, "linear")
+    assert linear(60) == 0.5 and linear(total) == 0.0
+
+
+def test_the_time_schedule_follows_the_share_of_the_budget_used():
+    from bertpre.optim import time_schedule
+
+    used = [0.0]
+    f = time_schedule(lambda: used[0], warmup_fraction=0.1, schedule="linear")
+    values = {}
+    for share in (0.05, 0.1, 0.55, 1.0, 1.2):
+        used[0] = share
+        values[share] = f(123)  # the step number does not matter, the clock does
+    assert values == pytest.approx({0.05: 0.5, 0.1: 1.0, 0.55: 0.5, 1.0: 0.0, 1.2: 0.0}, abs=1e-12)
+
+
+def test_a_time_budget_run_ends_its_schedule_within_the_budget(sample_prepared, tmp_path, capsys):
+    """--trainer.max_time with a huge max_steps used to keep the max_steps schedule (still warming
+    up when time ran out); with model.schedule_by time the LR has decayed to near 0 at the end."""
+    import csv
+
+    from conftest import ROOT
+
+    from bertpre.cli import main
+
+    run = tmp_path / "run"
+    main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+          "--trainer.default_root_dir", str(run), "--trainer.max_steps", "100000", "--trainer.max_time",
+          "00:00:00:15", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+          "--trainer.log_every_n_steps", "1", "--model.schedule_by", "time", "--model.warmup_fraction", "0.1",
+          "--data.batch_size", "4"])
+    rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
+    lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
+    peak = 1e-3  # bert-tiny.yaml
+    # (the step-based schedule of 100,000 steps would still be warming up: lr < 1e-5 after 10,000 steps)
+    assert len(lrs) >= 5 and lrs[0] < 0.5 * peak and max(lrs) > 0.5 * peak, lrs
+    # the schedule's value after the last step, read when the budget was spent: about 0
+    last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert last["lr_schedulers"][0]["_last_lr"][0] < 0.05 * peak
+    assert lrs.index(max(lrs)) < len(lrs) * 0.5, "the peak comes early (after the warmup share of the time)"
