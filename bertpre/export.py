@@ -61,6 +61,10 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, overwrite
     check_replaceable(output, overwrite, "folder")
     checkpoint = read_checkpoint(checkpoint_path)
     meta = checkpoint[CHECKPOINT_KEY]
+    if meta["model_config"].get("norm_placement", "post") != "post":
+        raise UserError(f"checkpoint {checkpoint_path}: a pre-LN model (model.config.norm_placement pre) has no "
+                        "exact HuggingFace BERT class, so it is not exported; load_pretrained, bertpre finetune and "
+                        "bertpre predict read it")
     model = _build(meta["model_config"], model_state(checkpoint), f"checkpoint {checkpoint_path}")
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
     with staged_output(output, overwrite, inputs=[checkpoint_path]) as staging:

@@ -1,6 +1,6 @@
 """BERT for pretraining (masked-LM + next-sentence prediction), in plain PyTorch.
 
-Post-LN encoder, learned absolute positions, exact (erf) GELU, a pooler on [CLS], an MLM
+Post-LN encoder (or pre-LN with ``norm_placement="pre"``), learned absolute positions, exact (erf) GELU, a pooler on [CLS], an MLM
 head whose decoder is tied to the word embeddings, and an NSP head. Every parameter has
 a counterpart in transformers' ``BertForPreTraining`` (see ``bertpre.hf``). The loss is
 computed outside the model (``bertpre.loss``). Shapes: B batch, T tokens, H hidden,
@@ -32,14 +32,18 @@ class BertConfig:
     attention_dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    norm_placement: str = "post"  # "post": BERT's (exact HF export); "pre": LayerNorm before each sublayer
 
     def __post_init__(self) -> None:
+        if self.norm_placement not in ("post", "pre"):
+            raise UserError(f"model.config.norm_placement must be 'post' or 'pre', got {self.norm_placement!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("dropout"):
                 if not 0.0 <= value < 1.0:
                     raise UserError(f"model.config.{f.name} must be in [0, 1), got {value}")
-            elif f.name not in ("layer_norm_eps", "initializer_range") and value is not None and value <= 0:
+            elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement") and value is not None \
+                    and value <= 0:
                 raise UserError(f"model.config.{f.name} must be positive, got {value}")
         if self.hidden_size % self.num_heads:
             raise UserError(
@@ -82,6 +86,7 @@ class Embeddings(nn.Module):
 class EncoderLayer(nn.Module):
     def __init__(self, c: BertConfig) -> None:
         super().__init__()
+        self.pre_norm = c.norm_placement == "pre"
         self.num_heads = c.num_heads
         self.attention_dropout = c.attention_dropout
         self.query = nn.Linear(c.hidden_size, c.hidden_size)
@@ -99,14 +104,21 @@ class EncoderLayer(nn.Module):
         return x.view(B, T, self.num_heads, H // self.num_heads).transpose(1, 2)  # (B, N, T, D)
 
     def forward(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        if self.pre_norm:  # x + sublayer(norm(x)); the encoder normalises the last layer's output
+            x = x + self.dropout(self._attention(self.attention_norm(x), key_mask))
+            return x + self.dropout(self._ffn(self.ffn_norm(x)))
+        x = self.attention_norm(x + self.dropout(self._attention(x, key_mask)))  # BERT: norm(x + sublayer(x))
+        return self.ffn_norm(x + self.dropout(self._ffn(x)))
+
+    def _attention(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         B, T, H = x.shape
         q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
         dropout = self.attention_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # (B, N, T, D)
-        a = a.transpose(1, 2).reshape(B, T, H)
-        x = self.attention_norm(x + self.dropout(self.attention_out(a)))
-        h = self.ffn_out(F.gelu(self.ffn_in(x)))  # (B, T, H)
-        return self.ffn_norm(x + self.dropout(h))
+        return self.attention_out(a.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
+
+    def _ffn(self, x: Tensor) -> Tensor:
+        return self.ffn_out(F.gelu(self.ffn_in(x)))  # (B, T, H)
 
 
 class BertForPretraining(nn.Module):
@@ -118,6 +130,8 @@ class BertForPretraining(nn.Module):
         H = config.hidden_size
         self.embeddings = Embeddings(config)
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
+        # pre-LN: the last layer's output is a sum of unnormalised sublayer outputs; normalise it once
+        self.final_norm = nn.LayerNorm(H, eps=config.layer_norm_eps) if config.norm_placement == "pre" else None
         self.pooler = nn.Linear(H, H)
         self.mlm_dense = nn.Linear(H, H)
         self.mlm_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
@@ -150,7 +164,7 @@ class BertForPretraining(nn.Module):
                 x = checkpoint(layer, x, key_mask, use_reentrant=False)
             else:
                 x = layer(x, key_mask)
-        return x
+        return x if self.final_norm is None else self.final_norm(x)
 
     def pool(self, hidden: Tensor) -> Tensor:
         return torch.tanh(self.pooler(hidden[:, 0]))  # (B, H)

@@ -140,3 +140,29 @@ def test_not_a_checkpoint_and_other_architectures_are_refused(tmp_path, exported
     with pytest.raises(UserError, match="model_type is 'roberta'"):
         import_hf(roberta, tmp_path / "r.ckpt")
     assert not (tmp_path / "out").exists() and not (tmp_path / "r.ckpt").exists()
+
+
+def test_a_pre_ln_model_is_refused_by_export_and_read_by_everything_else(sample_prepared, tmp_path, capsys):
+    run = tmp_path / "run"
+    main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+          "--trainer.default_root_dir", str(run), "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false", "--model.config.norm_placement", "pre"])
+    ckpt = run / "checkpoints" / "last.ckpt"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_info:
+        main(["export", str(ckpt), "--output", str(tmp_path / "hf")])
+    assert exit_info.value.code == 2 and not (tmp_path / "hf").exists()
+    assert capsys.readouterr().err.strip() == (
+        f"bertpre export: error: checkpoint {ckpt}: a pre-LN model (model.config.norm_placement pre) has no exact "
+        "HuggingFace BERT class, so it is not exported; load_pretrained, bertpre finetune and bertpre predict read it")
+    model, _ = load_pretrained(ckpt)
+    assert model.config.norm_placement == "pre" and model.final_norm is not None
+    rows = "sentence\tlabel\n" + "".join(f"{w} film\t{i % 2}\n" for i, w in enumerate(["a fine", "a dull"] * 8))
+    (tmp_path / "t.tsv").write_text(rows)
+    main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained", str(ckpt),
+          "--data.train_file", str(tmp_path / "t.tsv"), "--data.validation_file", str(tmp_path / "t.tsv"),
+          "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "ft"),
+          "--trainer.enable_progress_bar", "false"])
+    main(["predict", "--checkpoint", str(tmp_path / "ft" / "checkpoints" / "last.ckpt"), "--input",
+          str(tmp_path / "t.tsv"), "--output", str(tmp_path / "p.tsv")])
+    assert len((tmp_path / "p.tsv").read_text().splitlines()) == 17

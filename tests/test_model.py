@@ -148,3 +148,26 @@ def test_activation_checkpointing_gives_the_same_gradients():
         grads.append([p.grad.clone() for p in model.parameters()])
     for plain, recomputed in zip(*grads):
         torch.testing.assert_close(plain, recomputed)
+
+
+def test_pre_ln_normalises_before_each_sublayer_and_once_at_the_end():
+    pre = BertForPretraining.randomly_initialised(BertConfig.from_preset("bert-tiny", vocab_size=300,
+                                                                         norm_placement="pre"), seed=0)
+    post = BertForPretraining.randomly_initialised(CONFIG, seed=0)
+    assert {n for n, _ in pre.named_parameters()} - {n for n, _ in post.named_parameters()} == \
+        {"final_norm.weight", "final_norm.bias"}
+    ids = torch.randint(5, 300, (2, 12), generator=torch.Generator().manual_seed(0))
+    types = torch.zeros_like(ids)
+    pre.eval(), post.eval()
+    hidden = pre.encode(ids, types)
+    # the last step is the final LayerNorm: zero mean, unit variance per position
+    torch.testing.assert_close(hidden.mean(-1), torch.zeros(2, 12), atol=1e-5, rtol=0)
+    # by hand: one pre-LN layer is x + attn(norm(x)), then + ffn(norm(.)); the final norm after the last layer
+    x = pre.embeddings(ids, types)
+    for layer in pre.layers:
+        x = x + layer._attention(layer.attention_norm(x), None)
+        x = x + layer._ffn(layer.ffn_norm(x))
+    torch.testing.assert_close(hidden, pre.final_norm(x))
+    assert not torch.allclose(hidden, post.encode(ids, types)), "pre-LN is another function"
+    with pytest.raises(UserError, match="norm_placement must be 'post' or 'pre'"):
+        BertConfig(norm_placement="sandwich")
