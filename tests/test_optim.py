@@ -138,3 +138,41 @@ def test_a_time_budget_run_ends_its_schedule_within_the_budget(sample_prepared, 
     last = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert last["lr_schedulers"][0]["_last_lr"][0] < 0.05 * peak
     assert lrs.index(max(lrs)) < len(lrs) * 0.5, "the peak comes early (after the warmup share of the time)"
+
+
+def reference_lamb_step(params, states, lr, betas, eps, weight_decay):
+    """LAMB one tensor at a time, as bertpre computed it before the multi-tensor version."""
+    beta1, beta2 = betas
+    for p, state in zip(params, states):
+        state["step"] = state.get("step", 0) + 1
+        m = state.setdefault("m", torch.zeros_like(p))
+        v = state.setdefault("v", torch.zeros_like(p))
+        m.mul_(beta1).add_(p.grad, alpha=1 - beta1)
+        v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+        update = (m / (1 - beta1 ** state["step"])) / ((v / (1 - beta2 ** state["step"])).sqrt() + eps)
+        if weight_decay:
+            update.add_(p, alpha=weight_decay)
+        weight_norm, update_norm = p.norm(), update.norm()
+        ratio = torch.where((weight_norm > 0) & (update_norm > 0), weight_norm / update_norm, 1.0)
+        p.sub_(lr * ratio * update)
+
+
+def test_multi_tensor_lamb_equals_the_per_tensor_rule():
+    torch.manual_seed(0)
+    model = BertForPretraining(BertConfig.from_preset("bert-tiny", vocab_size=100))
+    reference = [p.detach().clone() for p in model.parameters()]
+    reference[0].zero_()  # a zero tensor: trust ratio 1
+    with torch.no_grad():
+        next(model.parameters()).zero_()
+    optimizer = Lamb(model.parameters(), lr=6e-3, betas=(0.9, 0.999), eps=1e-6, weight_decay=0.01)
+    states = [{} for _ in reference]
+    for step in range(5):
+        grads = [torch.randn_like(p, generator=torch.Generator().manual_seed(step * 1000 + i))
+                 for i, p in enumerate(reference)]
+        for p, r, g in zip(model.parameters(), reference, grads):
+            p.grad, r.grad = g.clone(), g.clone()
+        optimizer.step()
+        with torch.no_grad():
+            reference_lamb_step(reference, states, 6e-3, (0.9, 0.999), 1e-6, 0.01)
+    for p, r in zip(model.parameters(), reference):
+        torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-6)
