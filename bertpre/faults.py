@@ -27,6 +27,7 @@ from typing import Any
 import lightning as L
 import torch
 from lightning.fabric.utilities.types import _PATH
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
@@ -177,6 +178,23 @@ class PreemptionCheckpoint(L.Callback):
         print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}; "
               f"resume with the same command and --ckpt_path last", flush=True)
         return 128 + signum
+
+
+class FinalCheckpoint(L.Callback):
+    """A run that stops between checkpoint intervals (``trainer.max_time``, a ``max_steps``
+    that is not a multiple of the interval) still ends with ``last.ckpt`` at its final step,
+    when the run keeps a last checkpoint (``save_last``)."""
+
+    def __init__(self) -> None:
+        self.saved_step = -1
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
+        self.saved_step = trainer.global_step
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        callback = trainer.checkpoint_callback
+        if isinstance(callback, ModelCheckpoint) and callback.save_last and 0 < trainer.global_step != self.saved_step:
+            trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
 
 
 class NonFiniteGuard(L.Callback):

@@ -24,7 +24,14 @@ import bertpre
 from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
 from bertpre.context import masked_accuracy_counts, ordinary_ids, random_context
 from bertpre.errors import UserError
-from bertpre.faults import NonFiniteGuard, PreemptionCheckpoint, all_finite, check_free_space, checkpoint_bytes
+from bertpre.faults import (
+    FinalCheckpoint,
+    NonFiniteGuard,
+    PreemptionCheckpoint,
+    all_finite,
+    check_free_space,
+    checkpoint_bytes,
+)
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig, BertForPretraining
@@ -207,7 +214,7 @@ class PretrainModule(L.LightningModule):
             raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
 
     def configure_callbacks(self):
-        return [ThroughputLogger(), self.nonfinite_guard, PreemptionCheckpoint()]
+        return [ThroughputLogger(), self.nonfinite_guard, PreemptionCheckpoint(), FinalCheckpoint()]
 
     def on_fit_start(self) -> None:
         """Before any step: the run folder must be writable and hold the checkpoints the run keeps."""
@@ -312,7 +319,8 @@ class PretrainModule(L.LightningModule):
         if trainer.global_step >= self.plateau_check_fraction * trainer.max_steps:
             self.plateau_checked = True
             if float(gain) < self.plateau_min_gain and trainer.is_global_zero:
-                print(f"bertpre: warning: step {trainer.global_step} ({100 * trainer.global_step / trainer.max_steps:.0f}% "
+                share = 100 * trainer.global_step / trainer.max_steps
+                print(f"bertpre: warning: step {trainer.global_step} ({share:.0f}% "
                       f"of the run): val/mlm_context_gain {float(gain):.3f} (below model.plateau_min_gain "
                       f"{self.plateau_min_gain}): the model barely uses context, the MLM plateau; it needs more "
                       "steps or another recipe (README: Learning)", file=sys.stderr, flush=True)

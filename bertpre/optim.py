@@ -168,7 +168,8 @@ def build_optimizer(
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
         on_cuda = next(model.parameters()).is_cuda
-        optimizer = AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **adamw_implementation(implementation, on_cuda))
+        kernel = adamw_implementation(implementation, on_cuda)
+        optimizer = AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **kernel)
     elif name == "lamb":
         optimizer = Lamb(groups, lr=learning_rate, betas=betas, eps=eps)
     else:

@@ -341,3 +341,11 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
     resumed = run(tmp_path / "b", ckpt_path=str(tmp_path / "b" / "checkpoints" / "last.ckpt"))
     assert sorted(resumed) == list(range(2 * per_epoch + 1, 3 * per_epoch + 1)), "one more epoch, no batch twice"
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-6 for s in resumed)
+
+
+def test_a_run_that_stops_between_checkpoint_intervals_ends_with_its_last_step_saved(sample_prepared, tmp_path):
+    run = tmp_path / "run"
+    main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+          "--trainer.default_root_dir", str(run), "--trainer.max_steps", "7", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false", "--data.batch_size", "4"])  # the config saves every 200 steps
+    assert step_of(run / "checkpoints" / "last.ckpt") == 7
