@@ -142,6 +142,7 @@ def test_not_a_checkpoint_and_other_architectures_are_refused(tmp_path, exported
     assert not (tmp_path / "out").exists() and not (tmp_path / "r.ckpt").exists()
 
 
+@pytest.mark.slow
 def test_a_pre_ln_model_is_refused_by_export_and_read_by_everything_else(sample_prepared, tmp_path, capsys):
     run = tmp_path / "run"
     main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
