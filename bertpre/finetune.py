@@ -108,6 +108,10 @@ class TaskDataModule(L.LightningDataModule):
             subset_seed: seed of that subset (the same seed gives the same rows)
         """
         super().__init__()
+        if batch_size < 1:
+            raise UserError(f"data.batch_size must be at least 1, got {batch_size}")
+        if num_workers < 0:
+            raise UserError(f"data.num_workers must be 0 or more, got {num_workers}")
         self.train_file, self.validation_file = train_file, validation_file
         self.text_column, self.text_pair_column, self.label_column = text_column, text_pair_column, label_column
         self.max_seq_length, self.batch_size, self.num_workers = max_seq_length, batch_size, num_workers
