@@ -31,7 +31,3 @@ def random_context(input_ids: Tensor, labels: Tensor, attention_mask: Tensor, or
     draws = torch.randint(len(ordinary), input_ids.shape, generator=generator, device=generator.device)
     return torch.where(replace, ordinary.to(input_ids.device)[draws.to(input_ids.device)], input_ids)
 
-
-def masked_accuracy_counts(mlm_logits: Tensor, targets: Tensor) -> tuple[Tensor, int]:
-    """(correct predictions, predictions) for logits (P, V) at the predicted positions."""
-    return (mlm_logits.argmax(-1) == targets).sum(), targets.numel()

@@ -24,9 +24,9 @@ from tokenizers import Tokenizer
 import bertpre
 from bertpre.checkpoint import CHECKPOINT_KEY, MODEL_PREFIX, model_state, read_checkpoint
 from bertpre.errors import UserError
-from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock, staged_output
 from bertpre.hf import HF_TIED, from_hf_state_dict, hf_config, to_hf_state_dict
 from bertpre.model import BertConfig, BertForPretraining
+from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock, staged_output
 from bertpre.tokenizer import SPECIAL_TOKENS, save_tokenizer, special_ids, vocab_fingerprint
 
 def _build(config: dict, state: dict[str, torch.Tensor], source: str) -> BertForPretraining:

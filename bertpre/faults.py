@@ -219,15 +219,15 @@ class NonFiniteGuard(L.Callback):
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         if not grads:
             return
-        if hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused kernel per device and dtype
-            norm = torch.nn.utils.get_total_norm(grads)
-        else:
-            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
-        loss = getattr(pl_module, "last_loss", None)
         if getattr(trainer.precision_plugin, "scaler", None) is not None:
             # 16-mixed: overflowing (scaled) gradients are the GradScaler's business: it skips that step
             # and lowers its scale. Only a non-finite loss is a fault here.
             norm = torch.zeros(())
+        elif hasattr(torch.nn.utils, "get_total_norm"):  # torch >= 2.6: one fused kernel per device and dtype
+            norm = torch.nn.utils.get_total_norm(grads)
+        else:
+            norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
+        loss = getattr(pl_module, "last_loss", None)
         finite = torch.isfinite(norm) if loss is None else torch.isfinite(norm) & torch.isfinite(loss)
         if trainer.world_size > 1:
             finite = torch.tensor(trainer.strategy.reduce_boolean_decision(bool(finite), all=True))

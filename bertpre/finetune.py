@@ -311,9 +311,7 @@ class ClassifierModule(L.LightningModule):
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val:  # also for fused AdamW under a GradScaler (see bertpre.optim.clip_gradients)
-            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
-                           getattr(self.trainer.precision_plugin, "scaler", None))
+        clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm, self.trainer.precision_plugin)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_KEY] = {

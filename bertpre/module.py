@@ -22,7 +22,7 @@ from torchmetrics import MeanMetric, SumMetric
 
 import bertpre
 from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
-from bertpre.context import masked_accuracy_counts, ordinary_ids, random_context
+from bertpre.context import ordinary_ids, random_context
 from bertpre.errors import UserError
 from bertpre.faults import (
     FinalCheckpoint,
@@ -280,7 +280,7 @@ class PretrainModule(L.LightningModule):
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         out = self._step(batch)
         if batch_idx < self.context_gain_batches:
-            self._context_gain_update(batch, batch_idx)
+            self._context_gain_update(batch, batch_idx, real_correct=out.mlm_accuracy * out.num_predicted)
         size = batch["input_ids"].shape[0]
         for name in METRICS:
             weight = out.num_predicted if name.startswith("mlm") else size
@@ -289,18 +289,21 @@ class PretrainModule(L.LightningModule):
         counts = torch.bincount(targets, minlength=self.config.vocab_size)
         self.val_target_counts = counts if self.val_target_counts is None else self.val_target_counts + counts
 
-    def _context_gain_update(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        """Accuracy on this batch with real context and with random context (same predicted positions)."""
+    def _context_gain_update(self, batch: dict[str, torch.Tensor], batch_idx: int, real_correct=None) -> None:
+        """Correct predictions on this batch with real context (``real_correct`` when the caller has
+        them) and with random context at the same predicted positions."""
         labels = batch["labels"]
         predict = labels != IGNORE_INDEX  # (B, T)
         targets = labels[predict]
         generator = torch.Generator(device=labels.device).manual_seed(batch_idx)
         shuffled = random_context(batch["input_ids"], labels, batch["attention_mask"], self.ordinary_ids,
                                   self.special_ids.to(labels.device), generator)
-        for name, ids in (("real", batch["input_ids"]), ("random", shuffled)):
+        inputs = {"random": shuffled} if real_correct is not None else {"real": batch["input_ids"], "random": shuffled}
+        for name, ids in inputs.items():
             mlm_logits, _ = self.model(ids, batch["token_type_ids"], batch["attention_mask"], predict=predict)
-            correct, _ = masked_accuracy_counts(mlm_logits, targets)
-            self.context_counts[name].update(correct)
+            self.context_counts[name].update((mlm_logits.argmax(-1) == targets).sum())
+        if real_correct is not None:
+            self.context_counts["real"].update(real_correct)
         self.context_counts["predicted"].update(targets.numel())
 
     def _log_context_gain(self) -> None:
@@ -323,7 +326,7 @@ class PretrainModule(L.LightningModule):
                 print(f"bertpre: warning: step {trainer.global_step} ({share:.0f}% "
                       f"of the run): val/mlm_context_gain {float(gain):.3f} (below model.plateau_min_gain "
                       f"{self.plateau_min_gain}): the model barely uses context, the MLM plateau; it needs more "
-                      "steps or another recipe (README: Learning)", file=sys.stderr, flush=True)
+                      "steps or another recipe (docs/experiments/results.md, Learning)", file=sys.stderr, flush=True)
 
     def on_validation_epoch_end(self) -> None:
         self._log_context_gain()
@@ -370,6 +373,4 @@ class PretrainModule(L.LightningModule):
         return used
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
-        if gradient_clip_val:  # through the path that also works for fused AdamW under a GradScaler
-            clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm,
-                           getattr(self.trainer.precision_plugin, "scaler", None))
+        clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm, self.trainer.precision_plugin)

@@ -137,8 +137,6 @@ def time_schedule(progress, warmup_fraction: float, schedule: str = "linear", de
     return multiplier
 
 
-linear_schedule = step_schedule  # the name earlier bertpre versions used
-
 
 def adamw_implementation(implementation: str, on_cuda: bool) -> dict:
     """AdamW's keyword arguments that choose its kernel (see IMPLEMENTATIONS)."""
@@ -177,7 +175,8 @@ def build_optimizer(
     return optimizer, LambdaLR(optimizer, multiplier or step_schedule(warmup_steps, total_steps))
 
 
-def clip_gradients(optimizer: Optimizer, max_value: float, algorithm: str | None = "norm", scaler=None) -> None:
+def clip_gradients(optimizer: Optimizer, max_value: float | None, algorithm: str | None = "norm",
+                   precision=None) -> None:
     """Clip the gradients of ``optimizer``'s parameters (total norm, or each entry with
     ``algorithm="value"``) for any AdamW kernel and precision.
 
@@ -186,7 +185,12 @@ def clip_gradients(optimizer: Optimizer, max_value: float, algorithm: str | None
     gradients are unscaled first (``scaler.unscale_``; the scaler's step then knows they are),
     so the threshold applies to the true gradients; without a scaler (bf16, fp32) there is
     nothing to unscale. Other optimizers were unscaled by Lightning before this point.
+    ``precision`` is a GradScaler or a Lightning precision plugin holding one (or neither);
+    a ``max_value`` of None or 0 clips nothing.
     """
+    if not max_value:
+        return
+    scaler = precision if hasattr(precision, "unscale_") else getattr(precision, "scaler", None)
     if algorithm not in (None, "norm", "value"):
         raise UserError(f"trainer.gradient_clip_algorithm must be 'norm' or 'value', got {algorithm!r}")
     if scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False):

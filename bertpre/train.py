@@ -22,9 +22,9 @@ from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
+from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
 from bertpre.data import PretrainDataModule
 from bertpre.errors import UserError
-from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
 from bertpre.faults import (
     AtomicCheckpointIO,
     NonFiniteGuard,
@@ -88,7 +88,7 @@ class BertpreCLI(LightningCLI):
             if not config.get("overwrite"):
                 raise UserError(f"{directory} holds checkpoints of an earlier run ({existing[-1].name}, ...); resume "
                                 "it with --ckpt_path last, choose another trainer.default_root_dir, or pass "
-                                "--overwrite to delete them and start afresh")
+                                "--overwrite true to delete them and start afresh")
             for path in existing:
                 path.unlink()
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), directory)

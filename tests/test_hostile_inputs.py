@@ -134,7 +134,7 @@ CASES = [
          unchanged=("c/book.txt",)),
     Case("fresh training over another run's checkpoints", train_args(),
          "{tmp}/run/checkpoints holds checkpoints of an earlier run (last.ckpt, ...); resume it with --ckpt_path "
-         "last, choose another trainer.default_root_dir, or pass --overwrite to delete them and start afresh",
+         "last, choose another trainer.default_root_dir, or pass --overwrite true to delete them and start afresh",
          {"run/checkpoints/last.ckpt": b"an earlier run's weights"}, unchanged=("run/checkpoints/last.ckpt",)),
     Case("import over an existing checkpoint", ["import", "{tmp}/hf", "--output", "{tmp}/old.ckpt"],
          "--output {tmp}/old.ckpt exists (use --overwrite to replace it)",

@@ -5,7 +5,7 @@ import torch
 
 from bertpre.errors import UserError
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import Lamb, build_optimizer, linear_schedule, parameter_groups
+from bertpre.optim import Lamb, build_optimizer, parameter_groups, step_schedule
 
 
 def test_lamb_update_rule_by_hand():
@@ -70,7 +70,7 @@ def test_a_weight_tied_across_modules_is_optimised_once():
 
 
 def test_linear_warmup_then_linear_decay_to_zero():
-    f = linear_schedule(warmup_steps=10, total_steps=110)
+    f = step_schedule(warmup_steps=10, total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
     assert f(10) == pytest.approx(1.0) and f(60) == pytest.approx(0.5) and f(110) == 0.0
 
