@@ -5,7 +5,7 @@ __version__ = "0.1.0"
 
 def load_pretrained(path):
     """The pretrained model and its tokenizer from a bertpre checkpoint or an exported directory
-    (see bertpre.export.load_pretrained)."""
-    from bertpre.export import load_pretrained as load
+    (see bertpre.checkpoint.load_pretrained); Lightning is not imported."""
+    from bertpre.checkpoint import load_pretrained as load
 
     return load(path)

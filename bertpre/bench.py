@@ -43,6 +43,7 @@ class BenchOptions:
     device: str = "auto"
     precision: str = "32"  # or bf16 (autocast)
     compile: bool = False
+    peak_tflops: float | None = None  # the device's peak for MFU, where the datasheet table lacks it
 
     def resolved_device(self) -> torch.device:
         if self.device == "auto":
@@ -165,7 +166,7 @@ def run_bench(options: BenchOptions) -> dict:
     tokens = options.batch_size * options.seq_length
     config = BertConfig.from_preset(options.preset, vocab_size=options.vocab_size)
     flops = model_flops_per_token(config, options.seq_length)
-    peak, peak_source = peak_flops(device, options.precision)
+    peak, peak_source = peak_flops(device, options.precision, options.peak_tflops)
     result = {"options": asdict(options), "machine": machine_description(device), "peak_flops": peak,
               "peak_flops_source": peak_source, "frameworks": {}}
     for name in FRAMEWORKS:

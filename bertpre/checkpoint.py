@@ -1,5 +1,7 @@
 """Checkpoint files, without Lightning: reading them safely and checked, finding a run's
-checkpoints, and taking a model's weights out of them.
+checkpoints, taking a model's weights out of them, and building the model they hold
+(``load_pretrained`` for a pretraining checkpoint or a HuggingFace directory,
+``load_classifier`` for a fine-tuning checkpoint).
 
 Every command that reads a checkpoint (train's ``ckpt_path`` and ``model.init_from``,
 export, finetune, predict, the probes) goes through ``read_checkpoint``: the file must be a
@@ -12,15 +14,20 @@ from __future__ import annotations
 
 import pickle
 import zipfile
+from dataclasses import asdict, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from tokenizers import Tokenizer
 
 from bertpre.errors import UserError
+from bertpre.hf import from_hf_state_dict, read_hf_dir
+from bertpre.model import BertConfig, BertForPretraining, BertForSequenceClassification
 
 CHECKPOINT_KEY = "bertpre"  # written by `bertpre train` / `bertpre import`
-MODEL_PREFIX = "model."  # the pretraining model's weights inside a checkpoint's state_dict
+TASK_KEY = "bertpre_task"  # written by `bertpre finetune`
+MODEL_PREFIX = "model."  # the model's weights inside a checkpoint's state_dict
 _WRAPPER_PREFIXES = ("_orig_mod.", "module.")  # torch.compile and DDP wrappers, if a checkpoint has them
 
 
@@ -37,9 +44,10 @@ def checkpoint_problem(path: Path) -> str | None:
     return f"corrupt: member {bad} fails its checksum" if bad else None
 
 
-def read_checkpoint(path: str | Path, key: str = CHECKPOINT_KEY, kind: str = "bertpre") -> dict[str, Any]:
+def read_checkpoint(path: str | Path, key: str | tuple[str, ...] = CHECKPOINT_KEY,
+                    kind: str = "bertpre") -> dict[str, Any]:
     """Load a checkpoint safely (tensors and plain data only) after checking that it is whole
-    (every member passes its checksum) and that it carries ``key``."""
+    (every member passes its checksum) and that it carries ``key`` (or one of several)."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"checkpoint {path}: not found")
@@ -55,8 +63,9 @@ def read_checkpoint(path: str | Path, key: str = CHECKPOINT_KEY, kind: str = "be
                         "plain data; such files are never loaded)") from None
     except Exception as e:
         raise UserError(f"checkpoint {path}: not a readable checkpoint ({type(e).__name__})") from None
-    if not isinstance(checkpoint, dict) or key not in checkpoint:
-        raise UserError(f"checkpoint {path}: not a {kind} checkpoint (no '{key}' entry)")
+    keys = (key,) if isinstance(key, str) else key
+    if not isinstance(checkpoint, dict) or not any(k in checkpoint for k in keys):
+        raise UserError(f"checkpoint {path}: not a {kind} checkpoint (no {' or '.join(map(repr, keys))} entry)")
     return checkpoint
 
 
@@ -103,3 +112,46 @@ def newest_good_checkpoint(directory: Path, exclude: Path | None = None) -> Path
     """The newest complete checkpoint in ``directory``."""
     candidates = [p for p in reversed(run_checkpoints(directory)) if p != exclude]
     return next((p for p in candidates if checkpoint_problem(p) is None), None)
+
+
+def build_model(config: dict, state: dict[str, torch.Tensor], source: str) -> BertForPretraining:
+    """A pretraining model (eval mode) from a config dict and its weights, checked to fit."""
+    known = {f.name for f in fields(BertConfig)}
+    if set(config) - known:
+        raise UserError(f"{source}: model config has unknown fields {sorted(set(config) - known)}")
+    model = BertForPretraining(BertConfig(**config))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"{source}: weights do not fit a bertpre BERT (missing {missing[:3]}, unexpected "
+                        f"{unexpected[:3]}); a model without the pretraining heads needs `bertpre import` first")
+    return model.eval()
+
+
+def load_pretrained(path: str | Path) -> tuple[BertForPretraining, Tokenizer]:
+    """The pretrained model (in eval mode) and its tokenizer, from a bertpre ``.ckpt`` or an
+    exported / HuggingFace BERT directory. ``model.encode(...)`` gives hidden states (B, T, H)
+    and ``model.pool(hidden)`` the pooled [CLS] vector (B, H), for a task head of your own."""
+    path = Path(path)
+    if path.is_dir():
+        config, weights, tokenizer = read_hf_dir(path)
+        state = from_hf_state_dict({k: v for k, v in weights.items() if not k.endswith("position_ids")})
+        return build_model(asdict(config), state, str(path)), tokenizer
+    checkpoint = read_checkpoint(path)
+    meta = checkpoint[CHECKPOINT_KEY]
+    return build_model(meta["model_config"], model_state(checkpoint), str(path)), Tokenizer.from_str(meta["tokenizer"])
+
+
+def load_classifier(path: str | Path) -> tuple[BertForSequenceClassification, Tokenizer, dict[str, Any]]:
+    """A fine-tuned classifier (eval mode), its tokenizer and its task record (labels, columns)
+    from a checkpoint written by ``bertpre finetune``."""
+    checkpoint = read_checkpoint(path, key=TASK_KEY, kind="`bertpre finetune`")
+    task = checkpoint[TASK_KEY]
+    state = checkpoint["state_dict"]
+    if any(k.startswith(MODEL_PREFIX) for k in state):
+        state = strip_prefix(state, MODEL_PREFIX)
+    model = BertForSequenceClassification(BertForPretraining(BertConfig(**task["model_config"])), len(task["labels"]))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise UserError(f"checkpoint {path}: weights do not fit its classifier (missing {missing[:3]}, "
+                        f"unexpected {unexpected[:3]})")
+    return model.eval(), Tokenizer.from_str(task["tokenizer"]), task

@@ -19,7 +19,8 @@ USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,bench,export,
   inspect   statistics and a figure of a prepared folder        bertpre inspect DIR
   train     pretrain with MLM + NSP from a YAML config          bertpre train --help
   bench     time bertpre's training step against transformers'  bertpre bench --help
-  export    checkpoint -> HuggingFace directory                 bertpre export CKPT --output DIR
+  export    checkpoint -> HuggingFace directory (pretrained or   bertpre export CKPT --output DIR
+            fine-tuned)
   import    HuggingFace BERT directory -> bertpre checkpoint     bertpre import DIR --output CKPT
   finetune  sequence classification from a YAML config          bertpre finetune --help
   predict   label a file with a fine-tuned checkpoint           bertpre predict --help
@@ -47,7 +48,7 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
 
 def _tokenizer_training_arguments(group) -> None:
     group.add_argument("--vocab-size", type=int, default=30522, help="vocabulary size of a trained tokenizer")
-    group.add_argument("--cased", action="store_true", help="keep case (default: lowercase)")
+    group.add_argument("--cased", action="store_true", help="keep case (without it, text is lowercased)")
     group.add_argument("--tokenizer-sample-mb", type=float, default=100.0,
                        help="train the tokenizer on a random sample of documents holding about this much text")
 
@@ -59,12 +60,20 @@ def _corpus_options(args: argparse.Namespace):
                          skip_unreadable=args.skip_unreadable)
 
 
-def prepare_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def prepare_parser():
+    """``bertpre prepare``'s options, also readable from a YAML file (``--config``, keys as the
+    option names with underscores) and printable as one (``--print_config``): the same config
+    machinery (jsonargparse) as ``train``."""
+    from jsonargparse import ActionConfigFile, ArgumentParser
+
+    p = ArgumentParser(
         prog="bertpre prepare",
-        description="Turn raw text into a WordPiece tokenizer and a sentence-pair dataset for MLM + NSP.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        description="Turn raw text into a WordPiece tokenizer and a sentence-pair dataset for MLM + NSP. "
+                    "Options can come from a YAML file (--config prepare.yaml, keys as below with "
+                    "underscores); the command line wins; --print_config prints the resolved options.",
+        exit_on_error=True,
     )
+    p.add_argument("--config", action=ActionConfigFile, help="a YAML file of these options")
     _input_arguments(p)
     scale = p.add_argument_group("scale")
     scale.add_argument("--num-proc", type=int, default=len(os.sched_getaffinity(0)),
@@ -77,12 +86,14 @@ def prepare_parser() -> argparse.ArgumentParser:
                      help="reuse a tokenizer.json, a vocab.txt or an earlier prepare's output instead of training one")
     _tokenizer_training_arguments(tok)
     pairs = p.add_argument_group("sentence pairs")
-    pairs.add_argument("--max-seq-length", type=int, default=128)
+    pairs.add_argument("--max-seq-length", type=int, default=128,
+                       help="tokens per pair, [CLS] A [SEP] B [SEP] included (the model's sequence length)")
     pairs.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter target length")
     pairs.add_argument("--nsp-probability", type=float, default=0.5, help="probability that B is a random segment")
     pairs.add_argument("--validation-fraction", type=float, default=0.05,
                        help="fraction of documents held out for validation")
-    pairs.add_argument("--seed", type=int, default=12345)
+    pairs.add_argument("--seed", type=int, default=12345,
+                       help="seed of the split, the pairs and the tokenizer's document sample (same seed, same output)")
     pairs.add_argument("--dupe-factor", type=int, default=1,
                        help="number of passes over the corpus, each with different pairs (and masks)")
     masking = p.add_argument_group("masking (default: dynamic, at training time)")
@@ -161,7 +172,7 @@ def run_inspect(argv: Sequence[str]) -> None:
                                 description="Print a prepared folder's statistics and draw them: sequence lengths, "
                                             "NotNext split, token frequencies.")
     p.add_argument("path", metavar="DIR", help="a folder written by `bertpre prepare`")
-    p.add_argument("--plot", default=None, metavar="PNG", help="where to write the figure (default: DIR/report.png)")
+    p.add_argument("--plot", default=None, metavar="PNG", help="where to write the figure (default: DIR-report.png beside the folder)")
     args = p.parse_args(argv)
     text, _ = inspect(args.path, args.plot)
     print(text)
@@ -188,12 +199,15 @@ def run_bench(argv: Sequence[str]) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--precision", default="32", choices=["32", "bf16"])
     p.add_argument("--compile", action="store_true", help="torch.compile both models")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense peak in TFLOP/s for MFU (default: the datasheet figure of a known "
+                        "GPU part, a measured matmul peak on CPU)")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     args = p.parse_args(argv)
     results = []
     for preset in args.presets:
         options = BenchOptions(preset, args.batch_size, args.seq_length, args.vocab_size, args.steps, args.warmup,
-                               args.device, args.precision, args.compile)
+                               args.device, args.precision, args.compile, args.peak_tflops)
         results.append(run_bench(options))
         print(format_result(results[-1]), flush=True)
     if args.output:
@@ -205,8 +219,10 @@ def run_export(argv: Sequence[str]) -> None:
     from bertpre.export import export_checkpoint
 
     p = argparse.ArgumentParser(prog="bertpre export",
-                                description="Write a directory that transformers loads as BertForPreTraining.")
-    p.add_argument("checkpoint", help="a bertpre .ckpt")
+                                description="Write a directory that transformers loads: a pretraining checkpoint "
+                                            "as BertForPreTraining, a fine-tuning one as "
+                                            "BertForSequenceClassification with its label names.")
+    p.add_argument("checkpoint", help="a .ckpt written by `bertpre train` or `bertpre finetune`")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
     args = p.parse_args(argv)
@@ -245,14 +261,17 @@ def run_predict(argv: Sequence[str]) -> None:
     from bertpre.finetune import predict_file
 
     p = argparse.ArgumentParser(prog="bertpre predict",
-                                description="Write a TSV with a 'prediction' column for every row of a file.")
+                                description="Write a TSV with a 'prediction' column (and with --scores one "
+                                            "probability column per class) for every row of a file.")
     p.add_argument("--checkpoint", required=True, help="a checkpoint written by `bertpre finetune`")
     p.add_argument("--input", required=True, help=".tsv, .csv or .jsonl with the columns used in fine-tuning")
     p.add_argument("--output", required=True, help="TSV file to write")
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
+    p.add_argument("--scores", action="store_true",
+                   help="add a p_<label> column per class: the softmax probabilities, to pick thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     args = p.parse_args(argv)
-    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.overwrite)
+    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.overwrite, args.scores)
     print(f"wrote {rows} predictions to {args.output}")
 
 
@@ -262,8 +281,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     commands = {"prepare": run_prepare, "tokenizer": run_tokenizer, "combine": run_combine, "inspect": run_inspect,
                 "train": run_train, "bench": run_bench, "export": run_export, "import": run_import,
                 "finetune": run_finetune, "predict": run_predict}
-    if not argv or argv[0] in ("-h", "--help"):
-        print(USAGE)
+    if not argv:  # a command is required: usage on stderr, exit 2 (like argparse)
+        print(USAGE, file=sys.stderr, end="")
+        sys.exit(2)
+    if argv[0] in ("-h", "--help"):
+        print(USAGE, end="")
         return
     if argv[0] in ("-V", "--version"):
         print(f"bertpre {bertpre.__version__}")

@@ -17,7 +17,7 @@ import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 from bertpre.errors import UserError
-from bertpre.masking import Masker, MaskingCollator, default_max_predictions
+from bertpre.masking import MLM_PROBABILITY, Masker, MaskingCollator, default_max_predictions
 from bertpre.prepared import PreparedData
 
 
@@ -94,8 +94,9 @@ class PretrainDataModule(L.LightningDataModule):
         batch_size: int = 32,
         num_workers: int = 0,
         whole_word_masking: bool = False,
-        mlm_probability: float = 0.15,
+        mlm_probability: float = MLM_PROBABILITY,
         max_predictions: int | None = None,
+        val_mlm_probability: float | None = MLM_PROBABILITY,
         pad_to_multiple_of: int | None = 8,
     ) -> None:
         """
@@ -104,8 +105,12 @@ class PretrainDataModule(L.LightningDataModule):
             batch_size: sequences per batch per device
             num_workers: DataLoader worker processes
             whole_word_masking: mask all pieces of a word together (dynamic masking only)
-            mlm_probability: share of tokens predicted per sequence
-            max_predictions: cap on predicted tokens per sequence (default 20 per 128 tokens)
+            mlm_probability: share of tokens predicted per training sequence (BERT: 0.15; 0.3-0.4 give more
+                targets per token, Wettig et al. 2023)
+            max_predictions: cap on predicted tokens per sequence (default: 20 per 128 tokens at rate 0.15,
+                scaled with the rate, so the cap never lowers the rate asked for)
+            val_mlm_probability: share masked in validation; the default keeps BERT's 0.15 whatever the
+                training rate, so val/mlm_accuracy compares across recipes (None: the training rate)
             pad_to_multiple_of: pad batches to a multiple of this length (None: to the longest)
         """
         super().__init__()
@@ -119,6 +124,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.whole_word_masking = whole_word_masking
         self.mlm_probability = mlm_probability
         self.max_predictions = max_predictions
+        self.val_mlm_probability = mlm_probability if val_mlm_probability is None else val_mlm_probability
         self.pad_to_multiple_of = pad_to_multiple_of
         self.prepared: PreparedData | None = None
         self.splits: Any = None
@@ -137,9 +143,14 @@ class PretrainDataModule(L.LightningDataModule):
             raise UserError(f"data.path {prepared.path}: the train split holds {len(self.splits['train'])} pairs, "
                             f"fewer than one batch (data.batch_size {self.batch_size} x {world} devices); lower "
                             "data.batch_size or prepare more text")
-        max_predictions = self.max_predictions or default_max_predictions(prepared.max_seq_length)
+        seq = prepared.max_seq_length
         self.masker = Masker.from_tokenizer(
-            prepared.tokenizer, max_predictions, self.mlm_probability, self.whole_word_masking
+            prepared.tokenizer, self.max_predictions or default_max_predictions(seq, self.mlm_probability),
+            self.mlm_probability, self.whole_word_masking,
+        )
+        self.val_masker = Masker.from_tokenizer(
+            prepared.tokenizer, self.max_predictions or default_max_predictions(seq, self.val_mlm_probability),
+            self.val_mlm_probability, self.whole_word_masking,
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -181,7 +192,7 @@ class PretrainDataModule(L.LightningDataModule):
             dataset,
             batch_size=self.batch_size,
             sampler=sampler,
-            collate_fn=ContentSeededCollator(self.masker, self.pad_to_multiple_of),
+            collate_fn=ContentSeededCollator(self.val_masker, self.pad_to_multiple_of),
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
             pin_memory=torch.cuda.is_available(),

@@ -194,7 +194,7 @@ class FinalCheckpoint(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         callback = trainer.checkpoint_callback
         if isinstance(callback, ModelCheckpoint) and callback.save_last and 0 < trainer.global_step != self.saved_step:
-            trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt")
+            trainer.save_checkpoint(checkpoint_dir(trainer) / "last.ckpt", weights_only=callback.save_weights_only)
 
 
 class NonFiniteGuard(L.Callback):
@@ -213,7 +213,11 @@ class NonFiniteGuard(L.Callback):
         self.in_a_row = 0
         self.succeeded = 0  # finite steps of this run
         self.skipped: list[int] = []
-        self.loss: torch.Tensor | None = None
+        self.loss: torch.Tensor | None = None  # this step's loss, handed over by the module's training_step
+
+    def observe(self, loss: torch.Tensor) -> None:
+        """The training step's loss, checked with the gradients before the optimizer step."""
+        self.loss = loss.detach()
 
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
@@ -227,7 +231,7 @@ class NonFiniteGuard(L.Callback):
             norm = torch.nn.utils.get_total_norm(grads)
         else:
             norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach()) for g in grads]))
-        loss = getattr(pl_module, "last_loss", None)
+        loss = self.loss
         finite = torch.isfinite(norm) if loss is None else torch.isfinite(norm) & torch.isfinite(loss)
         if trainer.world_size > 1:
             finite = torch.tensor(trainer.strategy.reduce_boolean_decision(bool(finite), all=True))

@@ -27,15 +27,13 @@ from torch.utils.data import DataLoader
 from torchmetrics.classification import MulticlassAccuracy, MulticlassF1Score, MulticlassMatthewsCorrCoef
 
 import bertpre
-from bertpre.checkpoint import read_checkpoint
+from bertpre.checkpoint import TASK_KEY, load_classifier, load_pretrained
 from bertpre.errors import UserError
-from bertpre.export import load_pretrained
 from bertpre.faults import NonFiniteGuard
-from bertpre.model import BertConfig, BertForPretraining
+from bertpre.model import BertForPretraining, BertForSequenceClassification
 from bertpre.optim import build_optimizer, clip_gradients
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
-
-TASK_KEY = "bertpre_task"
+from bertpre.tokenizer import special_ids
 
 
 def read_table(path: str | Path) -> list[dict[str, str]]:
@@ -119,41 +117,58 @@ class TaskDataModule(L.LightningDataModule):
             raise UserError(f"data.max_train_examples must be at least data.batch_size ({batch_size}), "
                             f"got {max_train_examples}")
         self.max_train_examples, self.subset_seed = max_train_examples, subset_seed
-        self.labels: list[str] | None = None
+        if max_seq_length < 3:
+            raise UserError(f"data.max_seq_length must be at least 3, got {max_seq_length}")
+        self._train_rows: list[dict[str, str]] | None = None
+        self._labels: list[str] | None = None
+        self.tokenizer: Tokenizer | None = None  # the encoder's, given by use_tokenizer
         self.encoded: dict[str, list[tuple[list[int], list[int], int]]] = {}
 
     def columns(self) -> dict[str, Any]:
         return {"text_column": self.text_column, "text_pair_column": self.text_pair_column,
                 "label_column": self.label_column, "max_seq_length": self.max_seq_length}
 
+    def labels(self) -> list[str]:
+        """The classes: the label column's distinct values in the training file, sorted."""
+        if self._labels is None:
+            rows = self._read_train()
+            label_column = pick_column(rows, self.label_column, self.train_file, "data.label_column")
+            labels = sorted({row[label_column] for row in rows})
+            if len(labels) < 2:
+                raise UserError(f"{self.train_file}: column {label_column!r} has a single class {labels}")
+            self._labels = labels
+        return self._labels
+
+    def _read_train(self) -> list[dict[str, str]]:
+        if self._train_rows is None:
+            rows = read_table(self.train_file)
+            if not rows:
+                raise UserError(f"{self.train_file}: no rows")
+            self._train_rows = rows
+        return self._train_rows
+
+    def use_tokenizer(self, tokenizer: Tokenizer, max_positions: int) -> None:
+        """The encoder's tokenizer and position limit (given where the run is assembled)."""
+        if self.max_seq_length > max_positions:
+            raise UserError(f"data.max_seq_length {self.max_seq_length} is above the encoder's "
+                            f"max_position_embeddings {max_positions}")
+        self.tokenizer = tokenizer
+
     def setup(self, stage: str) -> None:
         if self.encoded:
             return
-        tokenizer: Tokenizer = self.trainer.lightning_module.tokenizer
-        positions = self.trainer.lightning_module.encoder.config.max_position_embeddings
-        if self.max_seq_length > positions:
-            raise UserError(f"data.max_seq_length {self.max_seq_length} is above the encoder's "
-                            f"max_position_embeddings {positions}")
-        if self.max_seq_length < 3:
-            raise UserError(f"data.max_seq_length must be at least 3, got {self.max_seq_length}")
-        train_rows = read_table(self.train_file)
-        if not train_rows:
-            raise UserError(f"{self.train_file}: no rows")
-        label_column = pick_column(train_rows, self.label_column, self.train_file, "data.label_column")
-        self.labels = sorted({row[label_column] for row in train_rows})
-        if len(self.labels) < 2:
-            raise UserError(f"{self.train_file}: column {label_column!r} has a single class {self.labels}")
+        if self.tokenizer is None:
+            raise UserError("the task data has no tokenizer: connect it to the model first "
+                            "(bertpre.finetune.connect(model, data))")
+        train_rows = self._read_train()
         if self.max_train_examples is not None:
             train_rows = sample_rows(train_rows, self.max_train_examples, self.subset_seed)
         for split, path, rows in (("train", self.train_file, train_rows),
                                   ("validation", self.validation_file, read_table(self.validation_file))):
-            self.encoded[split] = encode_rows(rows, path, tokenizer, self.columns(), self.labels)
-
-    def steps_per_epoch(self) -> int:
-        return len(self.encoded["train"]) // self.batch_size
+            self.encoded[split] = encode_rows(rows, path, self.tokenizer, self.columns(), self.labels())
 
     def _loader(self, split: str, shuffle: bool) -> DataLoader:
-        pad = self.trainer.lightning_module.pad_id
+        pad = special_ids(self.tokenizer).pad
         return DataLoader(self.encoded[split], batch_size=self.batch_size, shuffle=shuffle, drop_last=shuffle,
                           collate_fn=partial(collate, pad_id=pad), num_workers=self.num_workers)
 
@@ -213,13 +228,6 @@ def collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "token_type_ids": types, "attention_mask": mask, "labels": labels}
 
 
-def without_pretraining_heads(encoder: BertForPretraining) -> BertForPretraining:
-    """Drop the MLM and NSP heads, unused in classification (DDP needs every parameter used)."""
-    encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
-    encoder.mlm_bias = None
-    return encoder
-
-
 class ClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -240,8 +248,8 @@ class ClassifierModule(L.LightningModule):
             weight_decay: AdamW weight decay (not on biases and LayerNorm)
             warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
             classifier_dropout: dropout before the classification layer
-            nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or
-                makes the run "stop"
+            nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or makes
+                the run "stop"
             max_nonfinite_in_a_row: with "skip", stop after this many non-finite steps in a row
         """
         super().__init__()
@@ -249,40 +257,45 @@ class ClassifierModule(L.LightningModule):
         encoder, self.tokenizer = load_pretrained(pretrained)
         if random_init:
             encoder = BertForPretraining.randomly_initialised(encoder.config)
-        self.encoder = without_pretraining_heads(encoder).train()
-        self.pad_id = self.tokenizer.token_to_id("[PAD]")
-        self.dropout = torch.nn.Dropout(classifier_dropout)
-        self.classifier: torch.nn.Linear | None = None
+        self.encoder: BertForPretraining | None = encoder.train()  # until use_labels puts the head on it
+        self.model: BertForSequenceClassification | None = None
         self.labels: list[str] | None = None
+        self.columns: dict[str, Any] | None = None
         self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_in_a_row)
 
-    def configure_callbacks(self) -> list[L.Callback]:
-        return [self.nonfinite_guard]
+    @property
+    def max_positions(self) -> int:
+        return (self.encoder or self.model.encoder).config.max_position_embeddings
 
-    def setup(self, stage: str) -> None:
-        if self.classifier is None:
-            self.labels = self.trainer.datamodule.labels
-            self._make_head(len(self.labels))
-
-    def _make_head(self, num_labels: int) -> None:
-        self.classifier = torch.nn.Linear(self.encoder.config.hidden_size, num_labels)
-        torch.nn.init.normal_(self.classifier.weight, std=self.encoder.config.initializer_range)
-        torch.nn.init.zeros_(self.classifier.bias)
-        n = num_labels
+    def use_labels(self, labels: list[str], columns: dict[str, Any]) -> None:
+        """The task's classes and input columns (given where the run is assembled): the
+        classification head is made for them."""
+        if self.model is None:
+            self.model = BertForSequenceClassification(self.encoder, len(labels), self.hparams.classifier_dropout)
+            self.encoder = None
+        self.labels, self.columns = list(labels), dict(columns)
+        n = len(labels)
         self.metrics = torch.nn.ModuleDict({
             "accuracy": MulticlassAccuracy(n, average="micro"),
             "matthews": MulticlassMatthewsCorrCoef(n),
             **({"f1": MulticlassF1Score(2, average=None)} if n == 2 else {}),
         })
 
+    def configure_callbacks(self) -> list[L.Callback]:
+        return [self.nonfinite_guard]
+
+    def setup(self, stage: str) -> None:
+        if self.model is None:
+            raise UserError("the classifier has no labels: connect it to the task data first "
+                            "(bertpre.finetune.connect(model, data))")
+
     def forward(self, input_ids, token_type_ids, attention_mask) -> torch.Tensor:
-        hidden = self.encoder.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
-        return self.classifier(self.dropout(self.encoder.pool(hidden)))  # (B, labels)
+        return self.model(input_ids, token_type_ids, attention_mask)  # (B, labels)
 
     def training_step(self, batch, batch_idx):
         logits = self(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
         loss = F.cross_entropy(logits, batch["labels"])
-        self.last_loss = loss.detach()  # checked with the gradients by NonFiniteGuard
+        self.nonfinite_guard.observe(loss)
         self.log("train/loss", loss, prog_bar=True, batch_size=len(logits))
         return loss
 
@@ -303,8 +316,7 @@ class ClassifierModule(L.LightningModule):
         epochs = self.trainer.max_epochs
         if epochs is None or epochs < 1:
             raise UserError("set trainer.max_epochs for fine-tuning (the schedule spans all epochs)")
-        total = max(1, math.ceil(self.trainer.datamodule.steps_per_epoch() / self.trainer.accumulate_grad_batches)
-                    * epochs)
+        total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, math.ceil(self.hparams.warmup_fraction * total))
         optimizer, scheduler = build_optimizer(self, "adamw", self.hparams.learning_rate, self.hparams.weight_decay,
                                                (0.9, 0.999), 1e-6, warmup, total)
@@ -316,46 +328,51 @@ class ClassifierModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint[TASK_KEY] = {
             "bertpre_version": bertpre.__version__,
-            "model_config": asdict(self.encoder.config),
+            "model_config": asdict(self.model.config),
             "tokenizer": self.tokenizer.to_str(),
             "labels": self.labels,
-            "columns": self.trainer.datamodule.columns(),
+            "columns": self.columns,
+            "classifier_dropout": self.hparams.classifier_dropout,
         }
 
 
+def connect(model: ClassifierModule, data: TaskDataModule) -> None:
+    """The one place where task data and classifier meet: the data takes the encoder's tokenizer
+    and position limit, the classifier the data's classes and columns."""
+    data.use_tokenizer(model.tokenizer, model.max_positions)
+    model.use_labels(data.labels(), data.columns())
+
+
 def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_path: str | Path,
-                 batch_size: int = 64, overwrite: bool = False) -> int:
-    """Write ``prediction`` (and the input's columns) for every row of ``input_path``; returns the row count."""
+                 batch_size: int = 64, overwrite: bool = False, scores: bool = False) -> int:
+    """Write ``prediction`` (with ``scores``: one ``p_<label>`` probability column per class)
+    and the input's columns for every row of ``input_path`` (.tsv, .csv or .jsonl) as a TSV;
+    returns the row count."""
     if batch_size < 1:
         raise UserError(f"--batch-size must be at least 1, got {batch_size}")
     check_apart(output_path, [input_path, checkpoint_path])
     check_replaceable(output_path, overwrite, "file")
-    checkpoint = read_checkpoint(checkpoint_path, key=TASK_KEY, kind="`bertpre finetune`")
-    task = checkpoint[TASK_KEY]
-    encoder = without_pretraining_heads(BertForPretraining(BertConfig(**task["model_config"])))
-    tokenizer = Tokenizer.from_str(task["tokenizer"])
-    state = checkpoint["state_dict"]
-    encoder.load_state_dict({k.removeprefix("encoder."): v for k, v in state.items() if k.startswith("encoder.")})
-    classifier = torch.nn.Linear(encoder.config.hidden_size, len(task["labels"]))
-    classifier.load_state_dict({k.removeprefix("classifier."): v for k, v in state.items()
-                                if k.startswith("classifier.")})
-    encoder.eval()
+    model, tokenizer, task = load_classifier(checkpoint_path)
     rows = read_table(input_path)
     encoded = encode_rows(rows, str(input_path), tokenizer, task["columns"], labels=None)
-    predictions = []
+    probabilities = []
     with torch.no_grad():
         for start in range(0, len(encoded), batch_size):
-            batch = collate(encoded[start : start + batch_size], tokenizer.token_to_id("[PAD]"))
-            hidden = encoder.encode(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
-            predictions += classifier(encoder.pool(hidden)).argmax(-1).tolist()
-    assert len(predictions) == len(rows), "one prediction per row"
+            batch = collate(encoded[start : start + batch_size], special_ids(tokenizer).pad)
+            logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])  # (B, labels)
+            probabilities.append(logits.float().softmax(-1))
+    probabilities = torch.cat(probabilities)  # (rows, labels)
+    assert len(probabilities) == len(rows), "one prediction per row"
+    labels = task["labels"]
+    predictions = probabilities.argmax(-1).tolist()
+    score_columns = [f"p_{label}" for label in labels] if scores else []
 
     def write(f) -> None:
         text = io.TextIOWrapper(f, encoding="utf-8", newline="")
         writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
-        writer.writerow(["prediction", *rows[0].keys()])
-        for row, p in zip(rows, predictions):
-            writer.writerow([task["labels"][p], *row.values()])
+        writer.writerow(["prediction", *score_columns, *rows[0].keys()])
+        for row, p, probs in zip(rows, predictions, probabilities.tolist()):
+            writer.writerow([labels[p], *(f"{q:.6f}" for q in probs[: len(score_columns)]), *row.values()])
         text.flush()
         text.detach()
 

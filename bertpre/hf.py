@@ -1,4 +1,5 @@
-"""Name map between bertpre's model and transformers' ``BertForPreTraining``.
+"""bertpre's model and transformers' BERT: the name map (``BertForPreTraining`` and
+``BertForSequenceClassification``), the config both ways, and reading a HuggingFace directory.
 
 One entry per parameter, both directions; the MLM decoder weight is the word-embedding
 matrix (tied), so it has no entry of its own here and HF's copy is dropped on import.
@@ -6,8 +7,13 @@ matrix (tied), so it has no entry of its own here and HF's copy is dropped on im
 
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
+import torch
+from safetensors.torch import load_file
+from tokenizers import Tokenizer
 from torch import Tensor
 
 from bertpre.errors import UserError
@@ -96,6 +102,57 @@ def hf_config(config: BertConfig, pad_token_id: int) -> dict:
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
     }
+
+
+def config_from_hf(hf: dict) -> BertConfig:
+    """bertpre's config from a transformers ``BertConfig`` dict (the inverse of ``hf_config``)."""
+    return BertConfig(
+        vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+        num_heads=hf["num_attention_heads"], intermediate_size=hf["intermediate_size"],
+        max_position_embeddings=hf.get("max_position_embeddings", 512), type_vocab_size=hf.get("type_vocab_size", 2),
+        hidden_dropout=hf.get("hidden_dropout_prob", 0.1), attention_dropout=hf.get("attention_probs_dropout_prob", 0.1),
+        layer_norm_eps=hf.get("layer_norm_eps", 1e-12), initializer_range=hf.get("initializer_range", 0.02),
+    )
+
+
+def read_hf_dir(directory: Path) -> tuple[BertConfig, dict[str, Tensor], Tokenizer]:
+    """Config, weights (HF names, ``bert.`` prefix added where a BertModel lacks it) and tokenizer of a
+    HuggingFace BERT directory; safetensors or ``torch.load(weights_only=True)``, nothing executed."""
+    config_path = directory / "config.json"
+    if not config_path.is_file():
+        raise UserError(f"{directory}: no config.json; not a HuggingFace model directory")
+    hf = json.loads(config_path.read_text(encoding="utf-8"))
+    if hf.get("model_type") != "bert":
+        raise UserError(f"{config_path}: model_type is {hf.get('model_type')!r}, bertpre reads BERT ('bert') only")
+    if hf.get("hidden_act", "gelu") != "gelu" or hf.get("position_embedding_type", "absolute") != "absolute":
+        raise UserError(f"{config_path}: only hidden_act 'gelu' and absolute positions are supported")
+    config = config_from_hf(hf)
+    if (directory / "model.safetensors").is_file():
+        try:
+            weights = load_file(str(directory / "model.safetensors"))
+        except Exception:  # truncated or damaged: safetensors raises its own error types
+            raise UserError(f"{directory / 'model.safetensors'}: not a readable safetensors file "
+                            "(truncated or damaged)") from None
+    elif (directory / "pytorch_model.bin").is_file():
+        try:
+            weights = torch.load(directory / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise UserError(f"{directory / 'pytorch_model.bin'}: not loadable as plain tensors ({type(e).__name__})") from None
+    else:
+        raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin")
+    # BertModel / BertForMaskedLM checkpoints name the encoder without or with "bert."
+    weights = {(k if k.startswith(("bert.", "cls.")) else f"bert.{k}"): v for k, v in weights.items()}
+    if (directory / "tokenizer.json").is_file():
+        tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
+    elif (directory / "vocab.txt").is_file():
+        from bertpre.tokenizer import load_tokenizer
+
+        lowercase = json.loads((directory / "tokenizer_config.json").read_text()).get("do_lower_case", True) \
+            if (directory / "tokenizer_config.json").is_file() else True
+        tokenizer = load_tokenizer(directory / "vocab.txt", lowercase=lowercase)
+    else:
+        raise UserError(f"{directory}: no tokenizer.json or vocab.txt")
+    return config, weights, tokenizer
 
 
 def to_transformers(model: BertForPretraining, pad_token_id: int, attn_implementation: str | None = None):

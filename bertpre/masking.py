@@ -1,12 +1,16 @@
 """Masked-LM masking and the batch collator.
 
-Per sequence, ``min(max_predictions, max(1, round(len * 0.15)))`` positions are chosen
+Per sequence, ``min(max_predictions, max(1, round(len * mlm_probability)))`` positions are chosen
 (``len`` counts [CLS] and [SEP], as Google does) among all tokens but [CLS], [SEP] and
 [PAD]. Of those, 80% become [MASK], 10% a random non-special token, 10% stay as they
 are. With whole-word masking a word's ``##`` pieces are chosen together; each piece
 still gets its own 80/10/10 draw.
 
-Batches use HuggingFace's keys, so one can be given to transformers' BertForPreTraining.
+Batches use HuggingFace's keys, so one can be given to transformers' BertForPreTraining;
+they also carry Google's fixed prediction slots: ``mlm_positions`` (B, P) and ``mlm_labels``
+(B, P), P = ``max_predictions`` for every batch, empty slots at position 0 with label
+IGNORE_INDEX. The model gathers P hidden states per sequence, a shape that does not depend
+on the data (no ``nonzero``, no host sync, nothing for torch.compile to recompile).
 """
 
 from __future__ import annotations
@@ -26,11 +30,13 @@ if TYPE_CHECKING:  # torch is imported where batches are made, so that `bertpre 
 
 IGNORE_INDEX = -100
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1
+MLM_PROBABILITY = 0.15  # BERT's share of tokens predicted
 
 
-def default_max_predictions(max_seq_length: int) -> int:
-    """Google's 20 predictions at length 128, scaled linearly (80 at 512)."""
-    return max(1, round(20 * max_seq_length / 128))
+def default_max_predictions(max_seq_length: int, mlm_probability: float = MLM_PROBABILITY) -> int:
+    """Google's 20 predictions at length 128 and rate 0.15, scaled linearly in both (80 at 512; 53 at
+    128 and 0.4): a cap that never binds below the rate asked for."""
+    return max(1, round(20 * max_seq_length / 128 * mlm_probability / MLM_PROBABILITY))
 
 
 @dataclass(frozen=True)
@@ -38,12 +44,12 @@ class Masker:
     special: SpecialIds
     random_pool: np.ndarray  # ids a "random token" replacement is drawn from (non-special)
     max_predictions: int
-    mlm_probability: float = 0.15
+    mlm_probability: float = MLM_PROBABILITY
     continuation: np.ndarray | None = None  # bool per id: True for "##" pieces; enables whole-word masking
 
     @classmethod
     def from_tokenizer(
-        cls, tokenizer: Tokenizer, max_predictions: int, mlm_probability: float = 0.15, whole_word: bool = False
+        cls, tokenizer: Tokenizer, max_predictions: int, mlm_probability: float = MLM_PROBABILITY, whole_word: bool = False
     ) -> Masker:
         if not 0.0 < mlm_probability < 1.0:
             raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
@@ -146,10 +152,29 @@ class MaskingCollator:
             rows = np.repeat(np.arange(batch), [len(c) for c in chosen])
             cols = np.concatenate(chosen)
             labels[rows, cols] = self.masker.apply(input_ids, rows, cols, rng)
+        positions, slot_labels = prediction_slots(labels, self.masker.max_predictions)
         return {
             "input_ids": torch.from_numpy(input_ids),
             "token_type_ids": torch.from_numpy(token_type_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
             "next_sentence_label": torch.tensor([int(e["next_sentence_label"]) for e in examples], dtype=torch.long),
+            "mlm_positions": torch.from_numpy(positions),
+            "mlm_labels": torch.from_numpy(slot_labels),
         }
+
+
+def prediction_slots(labels: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:
+    """Google's ``masked_lm_positions`` / ``masked_lm_ids`` from dense labels (B, T): each row's
+    predicted positions in order, then empty slots (position 0, label IGNORE_INDEX), (B, P) each.
+    P is ``slots`` unless a row predicts more (stored masks of another rate): then that row's count."""
+    predicted = labels != IGNORE_INDEX
+    counts = predicted.sum(1)
+    width = max(slots, int(counts.max(initial=0)))
+    positions = np.zeros((len(labels), width), dtype=np.int64)
+    slot_labels = np.full((len(labels), width), IGNORE_INDEX, dtype=np.int64)
+    rows, cols = np.nonzero(predicted)  # row-major: each row's positions in order
+    within = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
+    positions[rows, within] = cols
+    slot_labels[rows, within] = labels[rows, cols]
+    return positions, slot_labels

@@ -34,16 +34,22 @@ class BertConfig:
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
     norm_placement: str = "post"  # "post": BERT's (exact HF export); "pre": LayerNorm before each sublayer
+    # initial position embeddings: "normal" (BERT's, std initializer_range) or "sinusoidal" (the
+    # Transformer's sin/cos table scaled to the same std: relative offsets are a linear map from the
+    # start, which attention can use before it has learned positions). Training and export are unchanged.
+    position_init: str = "normal"
 
     def __post_init__(self) -> None:
         if self.norm_placement not in ("post", "pre"):
             raise UserError(f"model.config.norm_placement must be 'post' or 'pre', got {self.norm_placement!r}")
+        if self.position_init not in ("normal", "sinusoidal"):
+            raise UserError(f"model.config.position_init must be 'normal' or 'sinusoidal', got {self.position_init!r}")
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("dropout"):
                 if not 0.0 <= value < 1.0:
                     raise UserError(f"model.config.{f.name} must be in [0, 1), got {value}")
-            elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement") and value is not None \
+            elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement", "position_init") and value is not None \
                     and value <= 0:
                 raise UserError(f"model.config.{f.name} must be positive, got {value}")
         if self.hidden_size % self.num_heads:
@@ -66,6 +72,17 @@ PRESETS = {
     "bert-base": BertConfig(hidden_size=768, num_layers=12, num_heads=12, intermediate_size=3072),
     "bert-large": BertConfig(hidden_size=1024, num_layers=24, num_heads=16, intermediate_size=4096),
 }
+
+
+def sinusoidal_positions(positions: int, hidden: int, std: float) -> Tensor:
+    """The Transformer's position table (sin on even, cos on odd features, wavelengths 2pi to
+    10000 * 2pi), scaled so its entries have standard deviation ``std``: (positions, hidden)."""
+    position = torch.arange(positions, dtype=torch.float64)[:, None]  # (T, 1)
+    frequency = torch.exp(torch.arange(0, hidden, 2, dtype=torch.float64) * (-torch.log(torch.tensor(1e4)) / hidden))
+    table = torch.zeros(positions, hidden, dtype=torch.float64)
+    table[:, 0::2] = torch.sin(position * frequency)
+    table[:, 1::2] = torch.cos(position * frequency[: hidden // 2])
+    return (table * (std / table.std())).float()
 
 
 class Embeddings(nn.Module):
@@ -140,6 +157,10 @@ class BertForPretraining(nn.Module):
         self.nsp = nn.Linear(H, 2)
         self.activation_checkpointing = False  # recompute each layer in backward: less memory at seq 512
         self.apply(self._init_weights)
+        if config.position_init == "sinusoidal":
+            with torch.no_grad():
+                self.embeddings.position.weight.copy_(sinusoidal_positions(
+                    config.max_position_embeddings, H, config.initializer_range))
 
     def _init_weights(self, module: nn.Module) -> None:
         std = self.config.initializer_range
@@ -181,15 +202,21 @@ class BertForPretraining(nn.Module):
         token_type_ids: Tensor,
         attention_mask: Tensor | None = None,
         predict: Tensor | None = None,
+        positions: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """Returns (MLM logits, NSP logits (B, 2)).
 
-        ``predict`` (B, T) bool selects the positions the MLM head is evaluated at: the
-        logits are then (P, V) in row-major order of the selected positions. Without it
-        they are (B, T, V), every position.
+        ``positions`` (B, P) long: the MLM head is evaluated at these positions of each
+        sequence (Google's fixed prediction slots): logits (B, P, V), a shape that does not
+        depend on the data. ``predict`` (B, T) bool instead selects positions by mask: logits
+        (P, V) in row-major order (a data-dependent shape). Without either: (B, T, V).
         """
         hidden = self.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
-        selected = hidden if predict is None else hidden[predict]  # (B, T, H) or (P, H)
+        if positions is not None:
+            index = positions[:, :, None].expand(-1, -1, hidden.shape[-1])  # (B, P, H)
+            selected = hidden.gather(1, index)  # (B, P, H)
+        else:
+            selected = hidden if predict is None else hidden[predict]  # (B, T, H) or (P, H)
         return self.mlm_logits(selected), self.nsp(self.pool(hidden))
 
     @classmethod
@@ -204,4 +231,36 @@ class BertForPretraining(nn.Module):
         if not embeddings:
             total -= sum(p.numel() for p in self.embeddings.parameters())
         return total
+
+
+def without_pretraining_heads(encoder: BertForPretraining) -> BertForPretraining:
+    """Drop the MLM and NSP heads, unused in classification (DDP needs every parameter used)."""
+    encoder.mlm_dense = encoder.mlm_norm = encoder.nsp = None
+    encoder.mlm_bias = None
+    return encoder
+
+
+class BertForSequenceClassification(nn.Module):
+    """A pretrained encoder and a linear layer on its pooled [CLS] vector, as transformers'
+    ``BertForSequenceClassification`` (``encoder.*`` is its ``bert.*``; ``classifier`` is
+    ``classifier``), so a fine-tuned model exports name for name."""
+
+    def __init__(self, encoder: BertForPretraining, num_labels: int, classifier_dropout: float = 0.1) -> None:
+        super().__init__()
+        if num_labels < 2:
+            raise UserError(f"a classifier needs at least 2 labels, got {num_labels}")
+        self.encoder = without_pretraining_heads(encoder)
+        self.config = encoder.config
+        self.dropout = nn.Dropout(classifier_dropout)
+        self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
+        nn.init.normal_(self.classifier.weight, std=encoder.config.initializer_range)
+        nn.init.zeros_(self.classifier.bias)
+
+    @property
+    def embeddings(self) -> Embeddings:
+        return self.encoder.embeddings
+
+    def forward(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+        hidden = self.encoder.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        return self.classifier(self.dropout(self.encoder.pool(hidden)))  # (B, labels)
 

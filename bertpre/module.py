@@ -44,6 +44,7 @@ from bertpre.optim import (
     step_schedule,
     time_schedule,
 )
+from bertpre.prepared import PreparedData
 from bertpre.throughput import ThroughputLogger
 from bertpre.tokenizer import special_ids
 
@@ -103,7 +104,7 @@ class PretrainModule(L.LightningModule):
             context_gain_batches: validation batches (from the first) on which val/mlm_context_gain is
                 measured: MLM accuracy with real context minus accuracy with the unmasked tokens replaced by
                 random ones (0 turns it off)
-            plateau_check_fraction: at the first validation after this share of trainer.max_steps, a context
+            plateau_check_fraction: at the first validation after this share of the run (trainer.max_steps, else trainer.max_time), a context
                 gain below plateau_min_gain prints one warning: the model is on the MLM plateau
             plateau_min_gain: see plateau_check_fraction
         """
@@ -144,7 +145,6 @@ class PretrainModule(L.LightningModule):
         self.context_gain_batches = context_gain_batches
         self.plateau_check_fraction, self.plateau_min_gain = plateau_check_fraction, plateau_min_gain
         self.plateau_checked = False
-        self.last_loss: torch.Tensor | None = None
         self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
                                    "weight_decay": weight_decay, "adam_betas": list(adam_betas),
                                    "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "lr_schedule": lr_schedule,
@@ -166,11 +166,10 @@ class PretrainModule(L.LightningModule):
         self.special_ids: torch.Tensor | None = None
         self.ordinary_ids: torch.Tensor | None = None
 
-    # --- model construction -------------------------------------------------------------
-    def configure_model(self) -> None:
-        if self.model is not None:
-            return
-        prepared = self.trainer.datamodule.prepare()
+    # --- wiring ---------------------------------------------------------------------------
+    def use_data(self, prepared: PreparedData) -> None:
+        """What the model takes from the prepared data (given where the run is assembled): the
+        vocabulary, the sequence length and the tokenizer that goes into every checkpoint."""
         config = self.config
         if config.vocab_size is None:
             multiple = self.vocab_multiple_of
@@ -191,7 +190,15 @@ class PretrainModule(L.LightningModule):
         special = list(special_ids(prepared.tokenizer).all)
         self.special_ids = torch.tensor(special, dtype=torch.long)
         self.ordinary_ids = ordinary_ids(prepared.vocab_size, special)
-        self.model = BertForPretraining(config)
+
+    # --- model construction -------------------------------------------------------------
+    def configure_model(self) -> None:
+        if self.model is not None:
+            return
+        if self.tokenizer_json is None:
+            raise UserError("the pretraining module has no data: connect it first (bertpre.train.connect(model, "
+                            "data), done by `bertpre train`)")
+        self.model = BertForPretraining(self.config)
         self.model.activation_checkpointing = self.activation_checkpointing
         if self.init_from:
             self._load_initial_weights(self.init_from)
@@ -261,16 +268,15 @@ class PretrainModule(L.LightningModule):
 
     # --- steps --------------------------------------------------------------------------
     def _step(self, batch: dict[str, torch.Tensor]):
-        labels = batch["labels"]
-        predict = labels != IGNORE_INDEX  # (B, T)
+        """Loss on the batch's fixed prediction slots: shapes independent of the data, no host sync."""
         mlm_logits, nsp_logits = self.model(
-            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], predict=predict
-        )
-        return pretraining_loss(mlm_logits, labels[predict], nsp_logits, batch["next_sentence_label"])
+            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions=batch["mlm_positions"]
+        )  # (B, P, V), (B, 2)
+        return pretraining_loss(mlm_logits, batch["mlm_labels"], nsp_logits, batch["next_sentence_label"])
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
-        self.last_loss = out.loss.detach()  # checked with the gradients by NonFiniteGuard
+        self.nonfinite_guard.observe(out.loss)  # checked with the gradients before the optimizer step
         size = batch["input_ids"].shape[0]
         for name in METRICS:
             self.log(f"train/{name}", getattr(out, name), batch_size=size, prog_bar=name in ("loss", "mlm_accuracy"))
@@ -317,16 +323,27 @@ class PretrainModule(L.LightningModule):
         self.log("val/mlm_random_context_accuracy", random_accuracy)
         self.log("val/mlm_context_gain", gain)
         trainer = self.trainer
-        if self.plateau_checked or trainer.sanity_checking or not trainer.max_steps or trainer.max_steps < 0:
+        if self.plateau_checked or trainer.sanity_checking:
             return
-        if trainer.global_step >= self.plateau_check_fraction * trainer.max_steps:
+        share = self._run_share()
+        if share is not None and share >= self.plateau_check_fraction:
             self.plateau_checked = True
             if float(gain) < self.plateau_min_gain and trainer.is_global_zero:
-                share = 100 * trainer.global_step / trainer.max_steps
-                print(f"bertpre: warning: step {trainer.global_step} ({share:.0f}% "
+                print(f"bertpre: warning: step {trainer.global_step} ({100 * share:.0f}% "
                       f"of the run): val/mlm_context_gain {float(gain):.3f} (below model.plateau_min_gain "
                       f"{self.plateau_min_gain}): the model barely uses context, the MLM plateau; it needs more "
                       "steps or another recipe (docs/experiments/results.md, Learning)", file=sys.stderr, flush=True)
+
+    def _run_share(self) -> float | None:
+        """The share of the run done: of trainer.max_steps, else of trainer.max_time; None if unbounded."""
+        trainer = self.trainer
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.global_step / trainer.max_steps
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        if timer is None or timer.time_remaining() is None:
+            return None
+        elapsed = timer.time_elapsed()
+        return elapsed / max(elapsed + timer.time_remaining(), 1e-9)
 
     def on_validation_epoch_end(self) -> None:
         self._log_context_gain()

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 
 from bertpre.errors import UserError
+from bertpre.outputs import atomic_write, check_apart
 from bertpre.prepared import PreparedData, summary
 
 
@@ -27,7 +28,8 @@ def token_counts(prepared: PreparedData, split: str = "train", batch_rows: int =
 
 
 def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
-    """Print-ready text and the path of the PNG written (default: PATH/report.png)."""
+    """Print-ready text and the path of the PNG written (default: ``<PATH>-report.png`` beside the
+    prepared folder, never inside it: the folder holds data that other tools copy and read)."""
     try:
         import matplotlib
 
@@ -49,7 +51,9 @@ def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
     special = set(record["tokenizer"]["special_ids"].values())
     ordinary = np.array([c for i, c in enumerate(counts) if i not in special])
     unused = int(np.count_nonzero(ordinary == 0))
-    out = Path(plot) if plot else prepared.path / "report.png"
+    folder = prepared.path.resolve()
+    out = Path(plot) if plot else folder.parent / f"{folder.name}-report.png"
+    check_apart(out, [prepared.path], option="--plot")
 
     fig, (lengths, nsp, freq) = plt.subplots(1, 3, figsize=(15, 4.2))
     hist = record["statistics"]["length_histogram"]
@@ -72,9 +76,8 @@ def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
     fig.suptitle(str(prepared.path))
     fig.tight_layout()
     try:
-        fig.savefig(out, dpi=100)
-    except OSError as e:
-        raise UserError(f"--plot {out}: cannot write ({e.strerror})") from None
+        atomic_write(out, lambda f: fig.savefig(f, dpi=100, format=out.suffix.lstrip(".").lower() or "png"),
+                     what=f"--plot {out}")
     finally:
         plt.close(fig)
 

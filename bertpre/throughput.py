@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import time
 
 import lightning as L
@@ -9,14 +10,22 @@ import torch
 
 from bertpre.model import BertConfig
 
-# Dense peak FLOP/s of GPUs by name fragment: (bf16/fp16 tensor core, fp32 without TF32).
+# Dense peak FLOP/s of GPUs by name fragment, the most specific first: (bf16/fp16 tensor core,
+# fp32 without TF32), from the datasheets. torch.cuda.get_device_name gives e.g. "NVIDIA H100 PCIe",
+# "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3" (the SXM part). An unknown part has no MFU unless
+# BERTPRE_PEAK_TFLOPS (or `bertpre bench --peak-tflops`) gives its peak.
 GPU_PEAK_FLOPS = {
-    "H200": (989e12, 67e12),
+    "H100 PCIe": (756e12, 51e12),
+    "H100 NVL": (835e12, 60e12),
+    "H200 NVL": (835e12, 60e12),
     "H100": (989e12, 67e12),
+    "H200": (989e12, 67e12),
+    "GH200": (989e12, 67e12),
     "A100": (312e12, 19.5e12),
     "L40S": (362e12, 91.6e12),
     "A10G": (125e12, 31.2e12),
 }
+PEAK_ENV = "BERTPRE_PEAK_TFLOPS"
 
 
 def model_flops_per_token(config: BertConfig, seq_length: int, predicted_fraction: float = 0.15) -> float:
@@ -30,10 +39,10 @@ def model_flops_per_token(config: BertConfig, seq_length: int, predicted_fractio
     return float(encoder + attention + mlm_head)
 
 
-def measured_cpu_peak(size: int = 2048, repeats: int = 8) -> float:
-    """fp32 matmul FLOP/s of this CPU with torch's threads, the best of ``repeats`` timings:
-    the practical peak on CPU (best-of, because a shared machine has slow moments)."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def measured_cpu_peak(size: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
+    """Matmul FLOP/s of this CPU in ``dtype`` with torch's threads, the best of ``repeats``
+    timings: the practical peak on CPU (best-of, because a shared machine has slow moments)."""
+    a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -43,24 +52,35 @@ def measured_cpu_peak(size: int = 2048, repeats: int = 8) -> float:
     return 2 * size**3 / best
 
 
-def peak_flops(device: torch.device, precision: str) -> tuple[float | None, str]:
-    """Peak FLOP/s to measure MFU against, and where the figure comes from."""
+def gpu_peak(name: str, precision: str) -> tuple[float | None, str]:
+    """The datasheet peak of the GPU called ``name`` (as torch names it) at ``precision``."""
+    low = "16" in str(precision)
+    for fragment, (half, single) in GPU_PEAK_FLOPS.items():
+        if fragment in name:
+            return (half if low else single), f"{fragment} dense {'bf16' if low else 'fp32'} datasheet peak"
+    return None, f"unknown peak for {name} (set {PEAK_ENV} or --peak-tflops)"
+
+
+def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> tuple[float | None, str]:
+    """Peak FLOP/s to measure MFU against, and where the figure comes from: ``override_tflops``
+    or the BERTPRE_PEAK_TFLOPS environment variable if given, else the datasheet (GPU) or a
+    measured matmul peak in the run's precision (CPU)."""
+    override = override_tflops if override_tflops is not None else os.environ.get(PEAK_ENV)
+    if override not in (None, ""):
+        return float(override) * 1e12, f"{float(override):g} TFLOP/s given"
     if device.type == "cuda":
-        name = torch.cuda.get_device_name(device)
-        for fragment, (half, single) in GPU_PEAK_FLOPS.items():
-            if fragment in name:
-                low = "16" in str(precision)
-                return (half if low else single), f"{fragment} dense {'bf16' if low else 'fp32'} datasheet peak"
-        return None, f"unknown peak for {name}"
+        return gpu_peak(torch.cuda.get_device_name(device), precision)
     if device.type == "cpu":
-        return measured_cpu_peak(), "best of 8 timed fp32 2048x2048 matmuls on this CPU"
+        dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float32
+        return measured_cpu_peak(dtype=dtype), f"best of 8 timed {dtype} 2048x2048 matmuls on this CPU"
     return None, f"unknown peak for {device.type}"
 
 
 class ThroughputLogger(L.Callback):
-    """Logs perf/tokens_per_sec, perf/samples_per_sec and perf/mfu (all ranks together),
-    averaged over windows of ``window`` training batches. Tokens include padding: they are
-    what the model computed on. No device synchronisation is added."""
+    """Logs perf/tokens_per_sec (real tokens, padding excluded), perf/samples_per_sec,
+    perf/padding_share and perf/mfu (model FLOPs of the real tokens over the peak), all ranks
+    together, averaged over windows of ``window`` training batches. Real tokens are summed on
+    the device and read once per window (one host sync per window, none per step)."""
 
     def __init__(self, window: int = 10) -> None:
         self.window = window
@@ -68,7 +88,8 @@ class ThroughputLogger(L.Callback):
         self._reset(None)
 
     def _reset(self, start: float | None) -> None:
-        self.start, self.batches, self.tokens, self.samples, self.flops = start, 0, 0, 0, 0.0
+        self.start, self.batches, self.slots, self.samples, self.flops_per_token = start, 0, 0, 0, 0.0
+        self.tokens: torch.Tensor | int = 0  # real tokens, on the batch's device
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak, _ = peak_flops(pl_module.device, str(trainer.precision))
@@ -80,15 +101,20 @@ class ThroughputLogger(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         B, T = batch["input_ids"].shape
         self.batches += 1
-        self.tokens += B * T
+        self.slots += B * T
+        self.tokens = self.tokens + batch["attention_mask"].sum()
         self.samples += B
-        self.flops += B * T * model_flops_per_token(pl_module.config, T)
+        slots = batch["mlm_positions"].shape[1] / T if "mlm_positions" in batch else 0.15  # MLM head's share
+        self.flops_per_token = model_flops_per_token(pl_module.config, T, slots)
         if self.batches < self.window:
             return
         elapsed = time.perf_counter() - self.start
         world = trainer.world_size
-        pl_module.log("perf/tokens_per_sec", world * self.tokens / elapsed, prog_bar=True, batch_size=B)
+        tokens = int(self.tokens)  # the window's one host sync
+        pl_module.log("perf/tokens_per_sec", world * tokens / elapsed, prog_bar=True, batch_size=B)
         pl_module.log("perf/samples_per_sec", world * self.samples / elapsed, batch_size=B)
+        pl_module.log("perf/padding_share", 1 - tokens / max(self.slots, 1), batch_size=B)
         if self.peak:
-            pl_module.log("perf/mfu", self.flops / elapsed / self.peak, prog_bar=True, batch_size=B)
+            mfu = tokens * self.flops_per_token / elapsed / self.peak
+            pl_module.log("perf/mfu", mfu, prog_bar=True, batch_size=B)
         self._reset(time.perf_counter())

@@ -17,12 +17,13 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
+from bertpre.checkpoint import CHECKPOINT_KEY, TASK_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
 from bertpre.data import PretrainDataModule
 from bertpre.errors import UserError
 from bertpre.faults import (
@@ -33,10 +34,28 @@ from bertpre.faults import (
     check_writable,
     resolve_ckpt_path,
 )
+from bertpre.hardware import resolve_precision
 from bertpre.module import PretrainModule
+from bertpre.progress import ModelLine, StepProgressBar, quiet_lightning
+
+
+def connect(model, data) -> None:
+    """The one place where data and model meet (both commands): pretraining takes the vocabulary,
+    sequence length and tokenizer from the prepared data; fine-tuning exchanges the tokenizer and
+    the task's labels. Call it before ``trainer.fit(model, data)`` when using the classes directly."""
+    if isinstance(model, PretrainModule):
+        model.use_data(data.prepare())
+    else:
+        from bertpre.finetune import connect as connect_task
+
+        connect_task(model, data)
 
 
 class BertpreCLI(LightningCLI):
+    def __init__(self, *args, log_dirs: list[Path] | None = None, **kwargs) -> None:
+        self.log_dirs = [] if log_dirs is None else log_dirs  # filled as loggers are made: cleaned if the run fails
+        super().__init__(*args, **kwargs)
+
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the hyperparameters of ``ckpt_path`` here (tensors only); a damaged
         or unsafe file gets bertpre's one-line error instead of a traceback."""
@@ -49,13 +68,11 @@ class BertpreCLI(LightningCLI):
             raise
 
     def _checkpoint_key(self) -> str:
-        if issubclass(self._model_class, PretrainModule):
-            return CHECKPOINT_KEY
-        from bertpre.finetune import TASK_KEY
-
-        return TASK_KEY
+        return CHECKPOINT_KEY if issubclass(self._model_class, PretrainModule) else TASK_KEY
 
     def add_arguments_to_parser(self, parser) -> None:
+        # Lightning's module table lists internal rows and a FLOPs column of zeros; ModelLine prints one line
+        parser.set_defaults({"trainer.enable_model_summary": False})
         parser.add_argument("--overwrite", type=bool, default=False,
                             help="start afresh in a run folder that holds another run's checkpoints, deleting them "
                                  "(without it such a folder is refused unless --ckpt_path resumes it)")
@@ -63,11 +80,20 @@ class BertpreCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         root = Path(self._get(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
+        plugins = self._get(self.config_init, "trainer.plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if self._get(self.config_init, "trainer.precision") is None and not any(
+                isinstance(p, Precision) for p in plugins):
+            precision, why = resolve_precision(self._get(self.config_init, "trainer.accelerator"))
+            kwargs["precision"] = precision
+            if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
+                print(f"precision {precision} (trainer.precision unset: {why})", flush=True)
         trainer = super().instantiate_trainer(**kwargs)
         root = Path(trainer.default_root_dir)
         if self._get(self.config, "trainer.logger") in (None, True):
             tensorboard = TensorBoardLogger(root, name="logs", default_hp_metric=False)
             trainer.loggers = [tensorboard, CSVLogger(root, name="logs", version=tensorboard.version)]
+            self.log_dirs.append(Path(tensorboard.log_dir))
         for callback in trainer.checkpoint_callbacks:
             if isinstance(callback, ModelCheckpoint):
                 if callback.dirpath is None:
@@ -76,11 +102,18 @@ class BertpreCLI(LightningCLI):
                 # run's checkpoints are refused in before_fit, so nothing else of value can be replaced
                 callback._enable_version_counter = False
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        # Lightning's default bar counts batches per epoch (`Epoch 0/-2` in a step-based run); a user's own
+        # progress bar class is kept
+        for i, callback in enumerate(trainer.callbacks):
+            if type(callback) in (TQDMProgressBar, RichProgressBar):
+                trainer.callbacks[i] = StepProgressBar()
+        trainer.callbacks.append(ModelLine())
         return trainer
 
     def before_fit(self) -> None:
         """Check the checkpoint to resume from (and resolve ``last-good``) before any work; refuse to
         start afresh over another run's checkpoints unless told to (``--overwrite``)."""
+        connect(self.model, self.datamodule)
         directory = checkpoint_dir(self.trainer)
         config = self.config_init[self.subcommand]
         existing = run_checkpoints(directory)
@@ -118,7 +151,7 @@ class BertpreCLI(LightningCLI):
             if isinstance(logger, CSVLogger):
                 if (Path(logger.log_dir) / "metrics.csv").is_file():
                     lines.append(f"  metrics     {Path(logger.log_dir) / 'metrics.csv'}")
-            elif isinstance(logger, TensorBoardLogger):
+            elif isinstance(logger, TensorBoardLogger) and Path(logger.log_dir).is_dir():
                 lines.append(f"  tensorboard tensorboard --logdir {logger.log_dir}")
         metrics = trainer.callback_metrics
         shown = sorted(k for k in metrics if k.startswith("val/") and not k.endswith("loss"))
@@ -140,15 +173,26 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
         classes = (ClassifierModule, TaskDataModule)
     else:
         classes = (PretrainModule, PretrainDataModule)
+    if any(a in ("-h", "--help") for a in argv):
+        from bertpre.help import short_help
+
+        print(short_help(command, *classes))
+        sys.exit(0)
+    argv = ["--help" if a == "--help-all" else a for a in argv]
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    quiet_lightning()
     # TensorBoard and CSV share logs/version_N; the CSV logger warns about the TensorBoard files there.
     warnings.filterwarnings("ignore", message="Experiment logs directory .* exists and is not empty")
     # `bertpre train ARGS` hands ARGS to LightningCLI, which warns because sys.argv holds them too.
     warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)")  # Lightning vs torch 2.13
+    # fine-tuning epochs are often shorter than the logging interval: the metrics are logged at epoch end
+    warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
+    log_dirs: list[Path] = []
     try:
         return BertpreCLI(
             *classes,
+            log_dirs=log_dirs,
             args=["fit", *argv],
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "prog": f"bertpre {command}", "fit": {"exit_on_error": False}},
@@ -162,3 +206,30 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
                         "such files are never loaded)") from None
     except SIGTERMException:  # Lightning stops after the step in which SIGTERM arrived
         sys.exit(PreemptionCheckpoint.report() or 128 + signal.SIGTERM)
+    except BaseException:
+        for directory in log_dirs:
+            remove_if_no_metrics(directory)
+        raise
+
+
+# what a run's log folder holds before its first logged step: removed with the folder when the run fails
+SET_UP_FILES = ("config.yaml", "hparams.yaml", "events.out.tfevents.*")
+
+
+def remove_if_no_metrics(log_dir: Path) -> None:
+    """Remove ``log_dir`` (and an emptied ``logs/``) when it holds nothing but set-up files and no
+    logged metric (the CSV logger, beside TensorBoard in the same folder, writes every metric logged):
+    a run that failed before logging leaves no empty ``version_N`` behind. Anything else keeps it."""
+    if not log_dir.is_dir():
+        return
+    files = list(log_dir.iterdir())
+    metrics = log_dir / "metrics.csv"
+    if metrics.is_file() and len(metrics.read_text(encoding="utf-8", errors="replace").splitlines()) > 1:
+        return
+    if any(f.is_dir() or not (f.name == "metrics.csv" or any(f.match(p) for p in SET_UP_FILES)) for f in files):
+        return
+    for f in files:
+        f.unlink()
+    log_dir.rmdir()
+    if log_dir.parent.name == "logs" and not any(log_dir.parent.iterdir()):
+        log_dir.parent.rmdir()

@@ -57,6 +57,23 @@ def sample_checkpoint(sample_prepared, tmp_path_factory) -> Path:
     return run / "checkpoints" / "last.ckpt"
 
 
+@pytest.fixture(scope="session")
+def finetuned_checkpoint(sample_checkpoint, tmp_path_factory) -> Path:
+    """A classifier fine-tuned for 10 steps from ``sample_checkpoint`` on 160 SST-2 rows (labels '0', '1')."""
+    from bertpre.cli import main
+
+    sst2 = SHARED_DATA / "tasks" / "sst2"
+    if not sst2.is_dir():
+        pytest.skip("../shared/data is not present")
+    run = tmp_path_factory.mktemp("finetuned")
+    main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
+          str(sample_checkpoint), "--data.train_file", str(sst2 / "train.tsv"), "--data.validation_file",
+          str(sst2 / "dev.tsv"), "--data.max_train_examples", "160", "--data.batch_size", "16",
+          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false"])
+    return run / "checkpoints" / "last.ckpt"
+
+
 def gradient_poison(step: int, parameter, value: float):
     """A callback that writes ``value`` into one gradient entry of ``parameter(module)`` after
     the backward pass of ``step`` (0-based) and keeps the module's state before and after

@@ -19,3 +19,19 @@ def test_model_flops_per_token_matches_the_formula():
     encoder = 6 * 12 * (4 * 768**2 + 2 * 768 * 3072)
     assert flops == encoder + 12 * 12 * 128 * 768 + 6 * 0.15 * (768**2 + 768 * 30522)
     assert abs(flops / 1e6 - 545.4) < 0.1  # 510 encoder + 14 attention + 22 MLM head MFLOP per token
+
+
+def test_mfu_peaks_name_the_exact_gpu_part_or_take_an_override(monkeypatch):
+    import torch
+
+    from bertpre.throughput import PEAK_ENV, gpu_peak, peak_flops
+
+    assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16-mixed")[0] == 989e12  # SXM
+    assert gpu_peak("NVIDIA H100 PCIe", "bf16-mixed")[0] == 756e12
+    assert gpu_peak("NVIDIA H100 NVL", "bf16-mixed")[0] == 835e12
+    assert gpu_peak("NVIDIA H200", "32-true")[0] == 67e12
+    peak, why = gpu_peak("NVIDIA B300", "bf16-mixed")
+    assert peak is None and PEAK_ENV in why
+    assert peak_flops(torch.device("cpu"), "32", override_tflops=2.5)[0] == 2.5e12
+    monkeypatch.setenv(PEAK_ENV, "1.5")
+    assert peak_flops(torch.device("cpu"), "bf16-mixed") == (1.5e12, "1.5 TFLOP/s given")

@@ -149,11 +149,15 @@ def test_checkpoint_from_another_tokenizer_is_refused(sample_prepared, tmp_path,
                     "--trainer.default_root_dir", str(tmp_path / "run2"), "--trainer.max_steps", "2",
                     "--model.init_from", str(run / "checkpoints" / "last.ckpt"))
     assert "vocabulary mismatch" in err
+    assert not (tmp_path / "run2" / "logs").exists()  # a failed run leaves no empty logs/version_N
 
 
 def test_help_and_unknown_command(capsys):
-    main([])
-    assert "prepare" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exited:
+        main([])  # no command: usage on stderr and exit 2, as argparse does for a missing argument
+    assert exited.value.code == 2 and "prepare" in capsys.readouterr().err
+    main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: bertpre")
     with pytest.raises(SystemExit):
         main(["pretrain"])
     assert "unknown command 'pretrain'" in capsys.readouterr().err
@@ -203,3 +207,23 @@ def test_overwrite_starts_afresh_in_a_run_folder_of_another_run(sample_prepared,
     import torch
 
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 3
+
+
+@pytest.mark.parametrize("command", ["train", "finetune"])
+def test_short_help_leads_with_bertpres_options(command, capsys):
+    with pytest.raises(SystemExit) as exited:
+        main([command, "--help"])
+    assert exited.value.code == 0
+    text = capsys.readouterr().out
+    lines = text.splitlines()
+    assert lines[0].startswith(f"usage: bertpre {command} --config") and len(lines) < 80
+    assert "--help-all" in text and "--data.batch_size (32)" in text and "--trainer.max_steps" in text
+    assert "fit" not in lines[0]
+    if command == "train":
+        assert "'last-good'" in text and "--model.learning_rate (0.0001)" in text
+        assert "--model.config.NAME" in text and "position_init" in text
+    else:
+        assert "--model.pretrained (required)" in text
+    for line in lines:  # every option listed has a description
+        if (line.startswith("  --model.") or line.startswith("  --data.")) and ".config.NAME" not in line:
+            assert len(line.split(")  ", 1)) == 2 and line.split(")  ", 1)[1].strip(), line

@@ -167,3 +167,43 @@ def test_a_pre_ln_model_is_refused_by_export_and_read_by_everything_else(sample_
     main(["predict", "--checkpoint", str(tmp_path / "ft" / "checkpoints" / "last.ckpt"), "--input",
           str(tmp_path / "t.tsv"), "--output", str(tmp_path / "p.tsv")])
     assert len((tmp_path / "p.tsv").read_text().splitlines()) == 17
+
+
+def test_a_fine_tuned_classifier_exports_to_transformers_with_its_labels(finetuned_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from bertpre.checkpoint import load_classifier
+
+    out = tmp_path / "classifier"
+    main(["export", str(finetuned_checkpoint), "--output", str(out)])
+    ours, tokenizer, task = load_classifier(finetuned_checkpoint)
+    peer = transformers.AutoModelForSequenceClassification.from_pretrained(out).eval()
+    assert peer.config.id2label == {0: "0", 1: "1"} and peer.config.label2id == {"0": 0, "1": 1}
+    hf_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    texts = ["a gorgeous , witty , seductive movie .", "the plot is nothing but boilerplate"]
+    batch = hf_tokenizer(texts, padding=True, return_tensors="pt")
+    assert batch["input_ids"][0].tolist()[: len(tokenizer.encode(texts[0]).ids)] == tokenizer.encode(texts[0]).ids
+    with torch.no_grad():
+        theirs = peer(**batch).logits
+        mine = ours(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])
+    assert torch.allclose(theirs, mine, atol=1e-5), (theirs, mine)
+    classify = transformers.pipeline("text-classification", model=str(out), tokenizer=str(out), top_k=None)
+    scores = {d["label"]: d["score"] for d in classify(texts[:1])[0]}
+    assert set(scores) == {"0", "1"} and abs(scores["1"] - mine.softmax(-1)[0, 1].item()) < 1e-5
+
+
+def test_loading_a_checkpoint_never_imports_lightning(finetuned_checkpoint, sample_checkpoint):
+    """What loads a model for inference or export stands without the trainer's stack."""
+    import subprocess
+    import sys
+
+    code = ("import sys, bertpre\n"
+            f"model, tokenizer = bertpre.load_pretrained({str(sample_checkpoint)!r})\n"
+            "from bertpre.checkpoint import load_classifier\n"
+            f"classifier, _, task = load_classifier({str(finetuned_checkpoint)!r})\n"
+            "import bertpre.export\n"
+            "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')], "
+            "sorted(m for m in sys.modules if 'lightning' in m)[:5]\n"
+            "print(task['labels'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-1500:]
+    assert done.stdout.strip() == "['0', '1']"

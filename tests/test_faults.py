@@ -183,12 +183,15 @@ def test_a_non_finite_step_is_reported_and_skipped(sample_prepared, tmp_path, ca
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
     from bertpre.module import PretrainModule
+    from bertpre.train import connect
 
     poison = gradient_poison(5, lambda module: next(module.model.parameters()), float("nan"))
     module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
     trainer = L.Trainer(max_steps=10, callbacks=[poison], logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0)
-    trainer.fit(module, PretrainDataModule(str(sample_prepared), batch_size=4))
+    data = PretrainDataModule(str(sample_prepared), batch_size=4)
+    connect(module, data)
+    trainer.fit(module, data)
     assert "bertpre: step 6: non-finite gradient norm nan; batch skipped (1 in a row)" in capsys.readouterr().out
     assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before), "no update at the bad step"
     assert module.nonfinite_guard.skipped == [6] and trainer.global_step == 10
@@ -297,6 +300,7 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
     from bertpre.module import PretrainModule
+    from bertpre.train import connect
     from bertpre.pairs import PairOptions
     from bertpre.prepare import PrepareOptions, prepare
     from bertpre.prepared import PreparedData
@@ -330,7 +334,9 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
                             limit_val_batches=0, callbacks=[Record(), ModelCheckpoint(
                                 dirpath=root / "checkpoints", every_n_train_steps=per_epoch, save_last=True)])
         try:
-            trainer.fit(module, PretrainDataModule(str(data), batch_size=8, num_workers=0), ckpt_path=ckpt_path)
+            datamodule = PretrainDataModule(str(data), batch_size=8, num_workers=0)
+            connect(module, datamodule)
+            trainer.fit(module, datamodule, ckpt_path=ckpt_path)
         except Stop:
             pass
         return losses

@@ -54,11 +54,15 @@ def test_finetune_then_predict_on_glue_files_as_they_are(pretrained, sst2_slice,
 def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(pretrained):
     trained = ClassifierModule(str(pretrained))
     scratch = ClassifierModule(str(pretrained), random_init=True)
-    assert trained.encoder.config == scratch.encoder.config
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", "max_seq_length": 64}
+    for module in (trained, scratch):
+        module.use_labels(["neg", "pos"], columns)
+    assert trained.model.config == scratch.model.config
     assert trained.tokenizer.to_str() == scratch.tokenizer.to_str()
-    assert not torch.equal(trained.encoder.layers[0].query.weight, scratch.encoder.layers[0].query.weight)
+    assert not torch.equal(trained.model.encoder.layers[0].query.weight, scratch.model.encoder.layers[0].query.weight)
     assert all(p.requires_grad for p in trained.parameters())
-    assert trained.encoder.nsp is None and trained.encoder.mlm_bias is None, "pretraining heads dropped"
+    assert trained.model.encoder.nsp is None and trained.model.encoder.mlm_bias is None, "pretraining heads dropped"
+    assert trained.model.classifier.out_features == 2
 
 
 def test_tables_and_sentence_pairs(tmp_path, sample_prepared):
@@ -111,12 +115,15 @@ def test_a_non_finite_fine_tuning_step_is_skipped(pretrained, sst2_slice, tmp_pa
 
     from bertpre.finetune import TaskDataModule
 
-    poison = gradient_poison(3, lambda module: module.classifier.weight, float("inf"))
+    from bertpre.train import connect
+
+    poison = gradient_poison(3, lambda module: module.model.classifier.weight, float("inf"))
     module = ClassifierModule(str(pretrained), learning_rate=1e-4)
     data = TaskDataModule(str(sst2_slice / "train.tsv"), str(sst2_slice / "dev.tsv"),
                           text_column=["sentence", "content"], batch_size=64)
     trainer = L.Trainer(max_epochs=1, limit_train_batches=6, limit_val_batches=0, callbacks=[poison], logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    connect(module, data)
     trainer.fit(module, data)
     assert "bertpre: step 4: non-finite gradient norm inf; batch skipped (1 in a row)" in capsys.readouterr().out
     assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before), "no update at the bad step"
@@ -141,3 +148,27 @@ def test_a_jsonl_null_is_a_missing_text_and_empty_rows_are_warned_about(tmp_path
     assert len(encoded) == 3
     assert capsys.readouterr().err.strip() == (f"bertpre: warning: {path}: 2 of 3 rows have an empty 'sentence' "
                                                "(rows 2, 3); they are kept")
+
+
+def test_predict_scores_are_probabilities_and_jsonl_is_read(finetuned_checkpoint, tmp_path):
+    rows = [{"sentence": "a gorgeous , witty , seductive movie ."}, {"sentence": "the plot is nothing but boilerplate"},
+            {"sentence": "it 's a charming and often affecting journey ."}]
+    (tmp_path / "in.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    main(["predict", "--checkpoint", str(finetuned_checkpoint), "--input", str(tmp_path / "in.jsonl"),
+          "--output", str(tmp_path / "scored.tsv"), "--scores"])
+    written = list(csv.DictReader((tmp_path / "scored.tsv").open(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert list(written[0]) == ["prediction", "p_0", "p_1", "sentence"]
+    for row, given in zip(written, rows):
+        p0, p1 = float(row["p_0"]), float(row["p_1"])
+        assert abs(p0 + p1 - 1) < 1e-5 and 0 <= p0 <= 1
+        assert row["prediction"] == ("0" if p0 > p1 else "1") and row["sentence"] == given["sentence"]
+    from bertpre.checkpoint import load_classifier
+
+    model, tokenizer, task = load_classifier(finetuned_checkpoint)  # the same probabilities, computed directly
+    encoding = tokenizer.encode(rows[0]["sentence"])
+    with torch.no_grad():
+        logits = model(torch.tensor([encoding.ids]), torch.tensor([encoding.type_ids]), None)
+    assert abs(logits.softmax(-1)[0, 1].item() - float(written[0]["p_1"])) < 1e-5
+    main(["predict", "--checkpoint", str(finetuned_checkpoint), "--input", str(tmp_path / "in.jsonl"),
+          "--output", str(tmp_path / "plain.tsv")])
+    assert (tmp_path / "plain.tsv").read_text().splitlines()[0] == "prediction\tsentence"

@@ -93,6 +93,7 @@ def test_a_grad_scaler_overflow_is_not_a_non_finite_step(sample_prepared, tmp_pa
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
     from bertpre.module import PretrainModule
+    from bertpre.train import connect
 
     poison = gradient_poison(1, lambda module: next(module.model.parameters()), float("inf"))
     module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
@@ -102,7 +103,9 @@ def test_a_grad_scaler_overflow_is_not_a_non_finite_step(sample_prepared, tmp_pa
                         enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
                         plugins=[plugin], gradient_clip_val=1.0, accelerator="cpu")
     scale = plugin.scaler.get_scale()
-    trainer.fit(module, PretrainDataModule(str(sample_prepared), batch_size=4))
+    data = PretrainDataModule(str(sample_prepared), batch_size=4)
+    connect(module, data)
+    trainer.fit(module, data)
     assert trainer.global_step == 4 and "non-finite" not in capsys.readouterr().out
     assert all(torch.equal(poison.before[k], poison.after[k]) for k in poison.before), "the scaler skipped the step"
     assert plugin.scaler.get_scale() < scale and module.nonfinite_guard.skipped == []
@@ -116,6 +119,7 @@ def test_micro_batches_of_one_step_draw_different_dropout(sample_prepared, tmp_p
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
     from bertpre.module import PretrainModule
+    from bertpre.train import connect
 
     seeds = []
 
@@ -127,6 +131,8 @@ def test_micro_batches_of_one_step_draw_different_dropout(sample_prepared, tmp_p
     trainer = L.Trainer(max_steps=2, accumulate_grad_batches=3, callbacks=[RecordSeed()], logger=False,
                         enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path,
                         limit_val_batches=0, accelerator="cpu")
-    trainer.fit(module, PretrainDataModule(str(sample_prepared), batch_size=4))
+    data = PretrainDataModule(str(sample_prepared), batch_size=4)
+    connect(module, data)
+    trainer.fit(module, data)
     assert [step for step, _ in seeds] == [0, 0, 0, 1, 1, 1]
     assert len({seed for _, seed in seeds}) == 6, seeds

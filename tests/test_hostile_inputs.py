@@ -109,7 +109,8 @@ CASES = [
          "checkpoint {tmp}/notes.ckpt: not a readable checkpoint (not an archive written by torch.save)", {"notes.ckpt": "just text"},
          absent=("hf", ".hf.partial")),
     Case("export of another architecture's checkpoint", ["export", "{tmp}/other.ckpt", "--output", "{tmp}/hf"],
-         "checkpoint {tmp}/other.ckpt: not a bertpre checkpoint (no 'bertpre' entry)", absent=("hf",)),
+         "checkpoint {tmp}/other.ckpt: not a bertpre pretraining or fine-tuning checkpoint (no 'bertpre' or "
+         "'bertpre_task' entry)", absent=("hf",)),
     Case("import of a folder without a model", ["import", "{tmp}/hf", "--output", "{tmp}/imported.ckpt"],
          "{tmp}/hf: no config.json; not a HuggingFace model directory", {"hf/README.md": "no model here"},
          absent=("imported.ckpt",)),

@@ -84,7 +84,9 @@ def test_batches_have_huggingface_keys_and_padding(sample_prepared):
          "next_sentence_label": 0},
     ]
     batch = MaskingCollator(masker, pad_to_multiple_of=8)(examples)
-    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label"}
+    assert set(batch) == {"input_ids", "token_type_ids", "attention_mask", "labels", "next_sentence_label",
+                          "mlm_positions", "mlm_labels"}  # HuggingFace's keys + Google's fixed prediction slots
+    assert batch["mlm_positions"].shape == batch["mlm_labels"].shape == (2, 10)
     assert batch["input_ids"].shape == (2, 8) and batch["input_ids"].dtype == torch.long
     assert batch["attention_mask"].tolist() == [[1] * 7 + [0], [1] * 5 + [0] * 3]
     assert batch["input_ids"][1, 5:].tolist() == [0, 0, 0]
@@ -99,3 +101,30 @@ def test_stored_masks_are_used_as_they_are(sample_prepared):
     batch = MaskingCollator(masker)([example])
     assert batch["input_ids"][0].tolist() == [2, 4, 11, 3, 4, 3]
     assert batch["labels"][0].tolist() == [-100, 50, -100, -100, 60, -100]
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.4])
+def test_a_higher_masking_rate_is_not_capped_back_to_bert_s(gutenberg_prepared, real_examples, rate):
+    """The default cap on predictions per sequence scales with the rate: at 0.4 the share
+    predicted is 0.4, not Google's cap of 20 in 128 (15.6%)."""
+    tokenizer = load_tokenizer(gutenberg_prepared)
+    masker = Masker.from_tokenizer(tokenizer, default_max_predictions(128, rate), mlm_probability=rate)
+    collate = MaskingCollator(masker)
+    predicted = eligible = 0
+    for start in range(0, 2000, 50):
+        batch = collate(real_examples[start : start + 50])
+        predicted += (batch["labels"] != IGNORE_INDEX).sum().item()
+        eligible += batch["attention_mask"].sum().item()  # the rate applies to the length with [CLS] and [SEP]
+    assert abs(predicted / eligible - rate) <= 0.01
+    assert default_max_predictions(128) == 20 and default_max_predictions(512) == 80  # Google's at 0.15
+
+
+def test_validation_masks_at_berts_rate_whatever_the_training_rate(sample_prepared):
+    from bertpre.data import PretrainDataModule
+
+    data = PretrainDataModule(str(sample_prepared), batch_size=8, mlm_probability=0.4)
+    data.setup("fit")
+    assert data.masker.mlm_probability == 0.4 and data.val_masker.mlm_probability == 0.15
+    same = PretrainDataModule(str(sample_prepared), batch_size=8, mlm_probability=0.4, val_mlm_probability=None)
+    same.setup("fit")
+    assert same.val_masker.mlm_probability == 0.4

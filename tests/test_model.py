@@ -171,3 +171,19 @@ def test_pre_ln_normalises_before_each_sublayer_and_once_at_the_end():
     assert not torch.allclose(hidden, post.encode(ids, types)), "pre-LN is another function"
     with pytest.raises(UserError, match="norm_placement must be 'post' or 'pre'"):
         BertConfig(norm_placement="sandwich")
+
+
+def test_sinusoidal_position_init_encodes_offsets_at_bert_scale():
+    config = replace(PRESETS["bert-mini"], vocab_size=100, position_init="sinusoidal")
+    table = BertForPretraining.randomly_initialised(config).embeddings.position.weight.detach()  # (512, 256)
+    assert table.std().item() == pytest.approx(config.initializer_range, rel=0.05)  # same scale as BERT's init
+    # a dot product depends on the offset only: what attention needs to find a neighbour from step 0
+    gram = table @ table.T  # (512, 512)
+    for offset in (1, 5, 40):
+        along = torch.diagonal(gram, offset)
+        assert (along.max() - along.min()).item() < 1e-3 * gram.diagonal().mean().item() + 1e-6
+    assert gram[0, 1] > gram[0, 40]  # nearer positions are more alike
+    normal = BertForPretraining.randomly_initialised(replace(config, position_init="normal"))
+    assert torch.diagonal(normal.embeddings.position.weight @ normal.embeddings.position.weight.T, 1).std() > 1e-3
+    with pytest.raises(UserError, match="model.config.position_init"):
+        replace(config, position_init="rotary")

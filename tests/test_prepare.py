@@ -178,3 +178,23 @@ def test_a_corpus_too_small_for_its_vocabulary_is_warned_about(tmp_path):
     assert record["tokenizer"]["vocab_size"] < 200
     assert f"  warning: the trained vocabulary has {record['tokenizer']['vocab_size']} entries, far fewer than " \
            "--vocab-size 8192: the corpus is too small to learn a vocabulary from" in summary(record, tmp_path / "out")
+
+
+def test_prepare_reads_its_options_from_a_yaml_file(tmp_path, capsys):
+    import yaml
+    from conftest import SAMPLE
+
+    from bertpre.cli import main
+
+    config = tmp_path / "prepare.yaml"
+    config.write_text(yaml.safe_dump({"input": [str(SAMPLE / "carroll-alice.txt")], "output": str(tmp_path / "out"),
+                                      "vocab_size": 1200, "max_seq_length": 64, "seed": 5}))
+    with pytest.raises(SystemExit) as exited:
+        main(["prepare", "--config", str(config), "--seed", "9", "--print_config"])
+    assert exited.value.code == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["vocab_size"] == 1200 and printed["seed"] == 9 and printed["max_seq_length"] == 64
+    main(["prepare", "--config", str(config), "--num-proc", "1"])
+    record = json.loads((tmp_path / "out" / "prepare.json").read_text())
+    assert record["options"]["vocab_size"] == 1200 and record["options"]["seed"] == 5
+    assert record["max_seq_length"] == 64

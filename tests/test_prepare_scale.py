@@ -306,3 +306,18 @@ def test_the_prepare_benchmark_runs(tmp_path):
     assert results["input_bytes"]["2x"] > results["input_bytes"]["1x"] > 0
     for name in ("prepare lines 1x --num-proc 1", "prepare lines 2x --num-proc 1", "prepare prose 1x --num-proc 1"):
         assert results[name]["mb_per_s"] > 0 and results[name]["peak_pss_mb"] > 0, name
+
+
+def test_inspect_draws_beside_the_folder_never_into_it(sample_prepared, tmp_path, capsys):
+    import shutil
+
+    data = tmp_path / "data"
+    shutil.copytree(sample_prepared, data)
+    before = sorted(p.name for p in data.rglob("*"))
+    main(["inspect", str(data)])
+    assert (tmp_path / "data-report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert str(tmp_path / "data-report.png") in capsys.readouterr().out
+    assert sorted(p.name for p in data.rglob("*")) == before
+    with pytest.raises(SystemExit):
+        main(["inspect", str(data), "--plot", str(data / "figure.png")])
+    assert "--plot" in capsys.readouterr().err and not (data / "figure.png").exists()

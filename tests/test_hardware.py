@@ -1,0 +1,40 @@
+"""The precision bertpre picks when a config leaves trainer.precision unset."""
+
+from bertpre.hardware import auto_precision, cpu_flags
+
+ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
+SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
+OLD_XEON = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
+GRAVITON = "processor\t: 0\nFeatures\t: fp asimd bf16 sve\n"
+
+
+def test_cpu_flags_are_read_from_cpuinfo():
+    assert "avx512_bf16" in cpu_flags(ZEN4) and "amx_bf16" in cpu_flags(SAPPHIRE_RAPIDS)
+    assert "bf16" in cpu_flags(GRAVITON) and cpu_flags("") == set()
+
+
+def test_bf16_only_where_the_hardware_computes_it():
+    assert auto_precision(False, flags=cpu_flags(ZEN4))[0] == "bf16-mixed"
+    assert auto_precision(False, flags=cpu_flags(SAPPHIRE_RAPIDS))[0] == "bf16-mixed"
+    precision, why = auto_precision(False, flags=cpu_flags(OLD_XEON))
+    assert precision == "32-true" and "no AVX512-BF16 or AMX" in why
+    assert auto_precision(False, flags=cpu_flags(GRAVITON))[0] == "32-true"  # no x86 bf16 kernels assumed
+    assert auto_precision(True, cuda_bf16=True)[0] == "bf16-mixed"
+    assert auto_precision(True, cuda_bf16=False)[0] == "16-mixed"
+
+
+def test_an_unset_precision_is_chosen_printed_and_used(sample_prepared, tmp_path, capsys):
+    from conftest import ROOT
+
+    from bertpre.cli import main
+    from bertpre.hardware import resolve_precision
+
+    main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2", "--trainer.precision",
+          "null", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false"])
+    expected, why = resolve_precision("cpu")
+    assert f"precision {expected} (trainer.precision unset: {why})" in capsys.readouterr().out
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+    config = (tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text()
+    assert "precision: null" in config  # the config records what was asked; the run used `expected`
