@@ -132,9 +132,7 @@ def run_prepare(argv: Sequence[str]) -> None:
     print(summary(record, args.output))
 
 
-def run_tokenizer(argv: Sequence[str]) -> None:
-    from bertpre.prepare import write_tokenizer
-
+def tokenizer_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="bertpre tokenizer",
         description="Train only the WordPiece tokenizer (tokenizer.json + vocab.txt), e.g. once before "
@@ -144,6 +142,13 @@ def run_tokenizer(argv: Sequence[str]) -> None:
     _input_arguments(p)
     _tokenizer_training_arguments(p)
     p.add_argument("--seed", type=int, default=12345, help="seed of the document sample")
+    return p
+
+
+def run_tokenizer(argv: Sequence[str]) -> None:
+    from bertpre.prepare import write_tokenizer
+
+    p = tokenizer_parser()
     args = p.parse_args(argv)
     record = write_tokenizer(args.input, args.output, _corpus_options(args), args.vocab_size, args.cased,
                              args.tokenizer_sample_mb, args.seed, args.overwrite)
@@ -152,36 +157,43 @@ def run_tokenizer(argv: Sequence[str]) -> None:
           f"fingerprint {record['fingerprint']}")
 
 
-def run_combine(argv: Sequence[str]) -> None:
-    from bertpre.prepared import combine, summary
-
+def combine_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre combine",
                                 description="Join the outputs of `bertpre prepare --shard-index i --num-shards k` "
                                             "into one prepared folder for training.")
     p.add_argument("shards", nargs="+", metavar="DIR", help="prepared shard folders, in order")
     p.add_argument("--output", required=True, type=Path, metavar="DIR")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
+    return p
+
+
+def run_combine(argv: Sequence[str]) -> None:
+    from bertpre.prepared import combine, summary
+
+    p = combine_parser()
     args = p.parse_args(argv)
     print(summary(combine(args.shards, args.output, args.overwrite), args.output))
 
 
-def run_inspect(argv: Sequence[str]) -> None:
-    from bertpre.report import inspect
-
+def inspect_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre inspect",
                                 description="Print a prepared folder's statistics and draw them: sequence lengths, "
                                             "NotNext split, token frequencies.")
     p.add_argument("path", metavar="DIR", help="a folder written by `bertpre prepare`")
     p.add_argument("--plot", default=None, metavar="PNG", help="where to write the figure (default: DIR-report.png beside the folder)")
+    return p
+
+
+def run_inspect(argv: Sequence[str]) -> None:
+    from bertpre.report import inspect
+
+    p = inspect_parser()
     args = p.parse_args(argv)
     text, _ = inspect(args.path, args.plot)
     print(text)
 
 
-def run_bench(argv: Sequence[str]) -> None:
-    import json
-
-    from bertpre.bench import BenchOptions, format_result, run_bench
+def bench_parser() -> argparse.ArgumentParser:
     from bertpre.model import PRESETS
 
     p = argparse.ArgumentParser(
@@ -203,6 +215,15 @@ def run_bench(argv: Sequence[str]) -> None:
                    help="the device's dense peak in TFLOP/s for MFU (default: the datasheet figure of a known "
                         "GPU part, a measured matmul peak on CPU)")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
+    return p
+
+
+def run_bench(argv: Sequence[str]) -> None:
+    import json
+
+    from bertpre.bench import BenchOptions, format_result, run_bench
+
+    p = bench_parser()
     args = p.parse_args(argv)
     results = []
     for preset in args.presets:
@@ -215,9 +236,7 @@ def run_bench(argv: Sequence[str]) -> None:
             json.dump(results, f, indent=2)
 
 
-def run_export(argv: Sequence[str]) -> None:
-    from bertpre.export import export_checkpoint
-
+def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre export",
                                 description="Write a directory that transformers loads: a pretraining checkpoint "
                                             "as BertForPreTraining, a fine-tuning one as "
@@ -225,19 +244,31 @@ def run_export(argv: Sequence[str]) -> None:
     p.add_argument("checkpoint", help="a .ckpt written by `bertpre train` or `bertpre finetune`")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    return p
+
+
+def run_export(argv: Sequence[str]) -> None:
+    from bertpre.export import export_checkpoint
+
+    p = export_parser()
     args = p.parse_args(argv)
     print(f"exported {args.checkpoint} -> {export_checkpoint(args.checkpoint, args.output, args.overwrite)}")
 
 
-def run_import(argv: Sequence[str]) -> None:
-    from bertpre.export import import_hf
-
+def import_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre import",
                                 description="Turn a HuggingFace BERT directory (BertForPreTraining, BertForMaskedLM "
                                             "or BertModel) into a bertpre checkpoint for model.init_from.")
     p.add_argument("directory")
     p.add_argument("--output", required=True, help="checkpoint file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint file")
+    return p
+
+
+def run_import(argv: Sequence[str]) -> None:
+    from bertpre.export import import_hf
+
+    p = import_parser()
     args = p.parse_args(argv)
     initialised = import_hf(args.directory, args.output, args.overwrite)
     print(f"imported {args.directory} -> {args.output}")
@@ -257,9 +288,7 @@ def run_finetune(argv: Sequence[str]) -> None:
     train_cli(list(argv), command="finetune")
 
 
-def run_predict(argv: Sequence[str]) -> None:
-    from bertpre.finetune import predict_file
-
+def predict_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre predict",
                                 description="Write a TSV with a 'prediction' column (and with --scores one "
                                             "probability column per class) for every row of a file.")
@@ -270,9 +299,22 @@ def run_predict(argv: Sequence[str]) -> None:
     p.add_argument("--scores", action="store_true",
                    help="add a p_<label> column per class: the softmax probabilities, to pick thresholds")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    return p
+
+
+def run_predict(argv: Sequence[str]) -> None:
+    from bertpre.finetune import predict_file
+
+    p = predict_parser()
     args = p.parse_args(argv)
     rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.overwrite, args.scores)
     print(f"wrote {rows} predictions to {args.output}")
+
+
+# the argparse commands' parsers (train and finetune use LightningCLI), for the docs check
+PARSERS = {"prepare": prepare_parser, "tokenizer": tokenizer_parser, "combine": combine_parser,
+           "inspect": inspect_parser, "bench": bench_parser, "export": export_parser, "import": import_parser,
+           "predict": predict_parser}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

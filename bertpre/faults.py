@@ -111,12 +111,11 @@ class PreemptionCheckpoint(L.Callback):
     """On SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT): finish the current step, save
     ``last.ckpt``, stop. A second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more.
 
-    ``PreemptionCheckpoint.stopped`` keeps the last such stop (signal, checkpoint, step) for
-    the command line, which reports it and exits with 128 + the signal number."""
-
-    stopped: tuple[int, str, int] | None = None
+    ``stopped`` keeps such a stop (signal, checkpoint, step) for the command line that made
+    this callback, which reports it (``report``) and exits with 128 + the signal number."""
 
     def __init__(self) -> None:
+        self.stopped: tuple[int, str, int] | None = None
         self.received: int | None = None
         self.saved: str | None = None
         self.step: int | None = None
@@ -165,16 +164,15 @@ class PreemptionCheckpoint(L.Callback):
         path = checkpoint_dir(trainer) / "last.ckpt"
         trainer.save_checkpoint(path, weights_only=False)  # the full training state
         self.saved, self.step = str(path), trainer.global_step
-        PreemptionCheckpoint.stopped = (self.received or signal.SIGTERM, self.saved, self.step)
+        self.stopped = (self.received or signal.SIGTERM, self.saved, self.step)
         trainer.should_stop = True
 
-    @staticmethod
-    def report() -> int | None:
-        """Print the last preemption stop, if any; returns the exit code for it."""
-        if PreemptionCheckpoint.stopped is None:
+    def report(self) -> int | None:
+        """Print the preemption stop, if any; returns the exit code for it."""
+        if self.stopped is None:
             return None
-        signum, path, step = PreemptionCheckpoint.stopped
-        PreemptionCheckpoint.stopped = None
+        signum, path, step = self.stopped
+        self.stopped = None
         print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}; "
               f"resume with the same command and --ckpt_path last", flush=True)
         return 128 + signum

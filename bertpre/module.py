@@ -27,7 +27,6 @@ from bertpre.errors import UserError
 from bertpre.faults import (
     FinalCheckpoint,
     NonFiniteGuard,
-    PreemptionCheckpoint,
     all_finite,
     check_free_space,
     checkpoint_bytes,
@@ -221,7 +220,7 @@ class PretrainModule(L.LightningModule):
             raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
 
     def configure_callbacks(self):
-        return [ThroughputLogger(), self.nonfinite_guard, PreemptionCheckpoint(), FinalCheckpoint()]
+        return [ThroughputLogger(), self.nonfinite_guard, FinalCheckpoint()]
 
     def on_fit_start(self) -> None:
         """Before any step: the run folder must be writable and hold the checkpoints the run keeps."""

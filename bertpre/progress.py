@@ -133,12 +133,9 @@ def model_line(pl_module: L.LightningModule) -> str:
             "the embeddings)")
 
 
-def batch_line(trainer: L.Trainer) -> str | None:
+def batch_line(trainer: L.Trainer, per_device: int) -> str:
     """One line: the global batch as it is with the devices Lightning picked (``devices: auto``
     included), and how long the run is."""
-    per_device = getattr(trainer.datamodule, "batch_size", None)
-    if per_device is None:
-        return None
     world, accumulate = trainer.world_size, trainer.accumulate_grad_batches
     parts = [f"{per_device} per device"] + ([f"{world} devices"] if world > 1 else []) + (
         [f"{accumulate} micro-batches"] if accumulate > 1 else [])
@@ -149,11 +146,14 @@ def batch_line(trainer: L.Trainer) -> str | None:
 
 
 class ModelLine(L.Callback):
-    """Prints :func:`model_line` and :func:`batch_line` once the model is built (rank 0)."""
+    """Prints :func:`model_line` once the model is built and :func:`batch_line` when training
+    starts, from the training loader's batch size (rank 0)."""
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.is_global_zero:
             print(model_line(pl_module), flush=True)
-            line = batch_line(trainer)
-            if line:
-                print(line, flush=True)
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        size = getattr(trainer.train_dataloader, "batch_size", None)
+        if trainer.is_global_zero and size:
+            tqdm.write(batch_line(trainer, size), file=sys.stdout)  # above a progress bar already drawn

@@ -52,8 +52,10 @@ def connect(model, data) -> None:
 
 
 class BertpreCLI(LightningCLI):
-    def __init__(self, *args, log_dirs: list[Path] | None = None, **kwargs) -> None:
+    def __init__(self, *args, log_dirs: list[Path] | None = None, preemption: PreemptionCheckpoint | None = None,
+                 **kwargs) -> None:
         self.log_dirs = [] if log_dirs is None else log_dirs  # filled as loggers are made: cleaned if the run fails
+        self.preemption = preemption  # a pretraining run's signal handling, whose stop the command reports
         super().__init__(*args, **kwargs)
 
     def _parse_ckpt_path(self) -> None:
@@ -108,6 +110,8 @@ class BertpreCLI(LightningCLI):
             if type(callback) in (TQDMProgressBar, RichProgressBar):
                 trainer.callbacks[i] = StepProgressBar()
         trainer.callbacks.append(ModelLine())
+        if self.preemption is not None:
+            trainer.callbacks.append(self.preemption)
         return trainer
 
     def before_fit(self) -> None:
@@ -131,7 +135,7 @@ class BertpreCLI(LightningCLI):
         trainer = self.trainer
         if trainer.global_rank != 0:
             return
-        stopped = PreemptionCheckpoint.stopped
+        stopped = self.preemption.stopped if self.preemption else None
         guard = next((c for c in trainer.callbacks if isinstance(c, NonFiniteGuard)), None)
         if trainer.global_step == 0 and stopped is None:
             raise UserError("no training step ran (trainer.max_steps, trainer.max_time or the data allowed none); "
@@ -158,7 +162,7 @@ class BertpreCLI(LightningCLI):
         if shown:
             lines.append("  " + "   ".join(f"{k} {float(metrics[k]):.4f}" for k in shown))
         print("\n".join(lines))
-        code = PreemptionCheckpoint.report()
+        code = self.preemption.report() if self.preemption else None
         if code is not None:
             sys.exit(code)
 
@@ -189,10 +193,12 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
     # fine-tuning epochs are often shorter than the logging interval: the metrics are logged at epoch end
     warnings.filterwarnings("ignore", message=r"The number of training batches .* is smaller than the logging")
     log_dirs: list[Path] = []
+    preemption = PreemptionCheckpoint() if command == "train" else None
     try:
         return BertpreCLI(
             *classes,
             log_dirs=log_dirs,
+            preemption=preemption,
             args=["fit", *argv],
             save_config_kwargs={"overwrite": True},
             parser_kwargs={"exit_on_error": False, "prog": f"bertpre {command}", "fit": {"exit_on_error": False}},
@@ -205,7 +211,7 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
         raise UserError("ckpt_path: not a readable checkpoint (it holds objects other than tensors and plain data; "
                         "such files are never loaded)") from None
     except SIGTERMException:  # Lightning stops after the step in which SIGTERM arrived
-        sys.exit(PreemptionCheckpoint.report() or 128 + signal.SIGTERM)
+        sys.exit((preemption.report() if preemption else None) or 128 + signal.SIGTERM)
     except BaseException:
         for directory in log_dirs:
             remove_if_no_metrics(directory)

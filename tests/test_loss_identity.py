@@ -47,6 +47,7 @@ def loss_curves(workdir: Path) -> dict[str, list[float]]:
     return {"pretrain": _losses(workdir / "pretrain"), "finetune": _losses(workdir / "finetune")}
 
 
+@pytest.mark.slow
 def test_loss_curves_are_unchanged(tmp_path):
     if not SST2.is_dir():
         pytest.skip("../shared/data is not present")

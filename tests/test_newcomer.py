@@ -46,5 +46,5 @@ def test_the_newcomer_path_runs_end_to_end(tmp_path):
             "--scores", cwd=tmp_path)
     rows = list(csv.DictReader((tmp_path / "predictions.tsv").open(), delimiter="\t", quoting=csv.QUOTE_NONE))
     assert len(rows) == 100 and all(abs(float(r["p_0"]) + float(r["p_1"]) - 1) < 1e-5 for r in rows)
-    [answer] = classify(rows[0]["sentence"])  # the pipeline and predict agree on the same text
+    [answer] = classify(rows[0]["content"])  # pipeline and predict agree
     assert abs(float(rows[0][f"p_{answer['label']}"]) - answer["score"]) < 1e-5

@@ -1,0 +1,53 @@
+"""Every `bertpre` command written in the README and docs/ parses: each option it names
+exists and takes the value given (argparse commands through their parser, train and finetune
+through LightningCLI's --print_config, which resolves the config without running anything).
+Usage synopses (with [optional] parts) are skipped; paths need not exist."""
+
+import re
+import shlex
+from pathlib import Path
+
+import pytest
+from conftest import ROOT
+
+from bertpre.cli import PARSERS, main
+
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "data_prep" / "README.md"]
+
+
+def documented_commands() -> list[tuple[str, list[str]]]:
+    found = []
+    for path in DOCS:
+        in_code = False
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if line.startswith("```"):
+                in_code = not in_code
+                continue
+            if not in_code:
+                continue
+            line = line.split(" # ")[0].strip()
+            for part in re.split(r"\s*&&\s*", line):
+                if part.startswith("bertpre ") and "[" not in part and "..." not in part:
+                    found.append((f"{path.relative_to(ROOT)}: {part}", shlex.split(part)[1:]))
+    return found
+
+
+COMMANDS = documented_commands()
+
+
+def test_the_docs_hold_commands_of_every_kind():
+    kinds = {args[0] for _, args in COMMANDS}
+    assert {"prepare", "train", "finetune", "predict", "export", "import", "combine"} <= kinds, kinds
+
+
+@pytest.mark.parametrize("where, args", COMMANDS, ids=[w for w, _ in COMMANDS])
+def test_a_documented_command_parses(where, args, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    command, rest = args[0], args[1:]
+    if command in ("train", "finetune"):
+        with pytest.raises(SystemExit) as exited:
+            main([command, *rest, "--print_config"])
+        assert exited.value.code == 0, capsys.readouterr().err
+    else:
+        assert command in PARSERS, f"{where}: unknown command"
+        PARSERS[command]().parse_args(rest)
