@@ -372,7 +372,8 @@ def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_pat
         writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
         writer.writerow(["prediction", *score_columns, *rows[0].keys()])
         for row, p, probs in zip(rows, predictions, probabilities.tolist()):
-            writer.writerow([labels[p], *(f"{q:.6f}" for q in probs[: len(score_columns)]), *row.values()])
+            shown = [f"{q:.6f}" for q in probs] if scores else []
+            writer.writerow([labels[p], *shown, *row.values()])
         text.flush()
         text.detach()
 

@@ -35,3 +35,14 @@ def test_mfu_peaks_name_the_exact_gpu_part_or_take_an_override(monkeypatch):
     assert peak_flops(torch.device("cpu"), "32", override_tflops=2.5)[0] == 2.5e12
     monkeypatch.setenv(PEAK_ENV, "1.5")
     assert peak_flops(torch.device("cpu"), "bf16-mixed") == (1.5e12, "1.5 TFLOP/s given")
+
+
+def test_the_cuda_branch_of_the_peak_reads_the_device_name(monkeypatch):
+    import torch
+
+    from bertpre.throughput import peak_flops
+
+    monkeypatch.delenv("BERTPRE_PEAK_TFLOPS", raising=False)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
+    assert peak_flops(torch.device("cuda"), "bf16-mixed")[0] == 756e12
+    assert peak_flops(torch.device("cuda"), "32-true")[0] == 51e12

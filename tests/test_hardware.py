@@ -38,3 +38,17 @@ def test_an_unset_precision_is_chosen_printed_and_used(sample_prepared, tmp_path
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
     config = (tmp_path / "run" / "logs" / "version_0" / "config.yaml").read_text()
     assert "precision: null" in config  # the config records what was asked; the run used `expected`
+
+
+def test_the_cuda_branch_of_the_choice_runs_on_cpu(monkeypatch):
+    """CI has no GPU: the CUDA branch runs here with torch's CUDA queries answered as a GPU would."""
+    import torch
+
+    from bertpre.hardware import resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert resolve_precision("auto")[0] == "bf16-mixed" and resolve_precision("gpu")[0] == "bf16-mixed"
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    assert resolve_precision("cuda")[0] == "16-mixed"
+    assert resolve_precision("cpu")[0] in ("bf16-mixed", "32-true")  # asked for the CPU: never a GPU precision
