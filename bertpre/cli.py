@@ -104,9 +104,9 @@ def prepare_parser():
 
 
 def run_prepare(argv: Sequence[str]) -> None:
+    from bertpre.dataformat import summary
     from bertpre.pairs import PairOptions
     from bertpre.prepare import PrepareOptions, prepare
-    from bertpre.prepared import summary
 
     args = prepare_parser().parse_args(argv)
     options = PrepareOptions(
@@ -168,7 +168,7 @@ def combine_parser() -> argparse.ArgumentParser:
 
 
 def run_combine(argv: Sequence[str]) -> None:
-    from bertpre.prepared import combine, summary
+    from bertpre.dataformat import combine, summary
 
     p = combine_parser()
     args = p.parse_args(argv)

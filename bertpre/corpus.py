@@ -27,7 +27,7 @@ import os
 import re
 import zlib
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO
 
@@ -78,15 +78,33 @@ class CorpusOptions:
 
 
 @dataclass
-class CorpusStats:
+class CorpusCounts:
+    """What reading the inputs found, as a prepared folder's record keeps it (and adds up over shards)."""
+
     files: int = 0
-    documents: int = 0
-    sentences: int = 0
     input_bytes: int = 0
+    documents: int = 0
     invalid_utf8_bytes: int = 0
-    formats: dict[str, str] = field(default_factory=dict)
     invalid_utf8_by_file: dict[str, int] = field(default_factory=dict)
     skipped_files: list[str] = field(default_factory=list)  # "path: reason"
+
+    def counts(self) -> CorpusCounts:
+        return CorpusCounts(**{f.name: getattr(self, f.name) for f in fields(CorpusCounts)})
+
+    def __add__(self, other: CorpusCounts) -> CorpusCounts:
+        mine, theirs = self.counts(), other.counts()
+        return CorpusCounts(mine.files + theirs.files, mine.input_bytes + theirs.input_bytes,
+                            mine.documents + theirs.documents, mine.invalid_utf8_bytes + theirs.invalid_utf8_bytes,
+                            {**mine.invalid_utf8_by_file, **theirs.invalid_utf8_by_file},
+                            mine.skipped_files + theirs.skipped_files)
+
+
+@dataclass
+class CorpusStats(CorpusCounts):
+    """The reader's running counts: the record's, plus what only this run needs."""
+
+    sentences: int = 0
+    formats: dict[str, str] = field(default_factory=dict)
 
 
 def is_saved_dataset(path: Path) -> bool:

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from bertpre.dataformat import PreparedData
 from bertpre.errors import UserError
 from bertpre.masking import MLM_PROBABILITY, Masker, MaskingCollator, default_max_predictions
-from bertpre.prepared import PreparedData
 
 
 class ContentSeededCollator(MaskingCollator):

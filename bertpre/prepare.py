@@ -9,14 +9,13 @@ time, in ``num_proc`` processes, and NotNext partners are drawn from the same bl
 Output files are written batch by batch and never read back. Everything is written into a
 staging folder that is renamed to the output only once complete.
 
-The folder's layout, record and reader live in ``bertpre.prepared``.
+The folder's layout, record and reader live in ``bertpre.dataformat``.
 """
 
 from __future__ import annotations
 
 import collections
 import ctypes
-import json
 import math
 import multiprocessing
 import os
@@ -33,11 +32,19 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from bertpre.corpus import CorpusOptions, CorpusStats, expand_inputs, input_size, read_documents
+from bertpre.dataformat import (
+    SPLITS,
+    PrepareRecord,
+    SplitFiles,
+    SplitStats,
+    arrow_schema,
+    encode_pairs,
+    histogram_edges,
+)
 from bertpre.errors import UserError
 from bertpre.masking import Masker, default_max_predictions
 from bertpre.outputs import staged_output
 from bertpre.pairs import Document, Instance, PairOptions, create_instances, encode_instance
-from bertpre.prepared import SPLITS, SplitFiles, SplitStats, arrow_schema, histogram_edges, make_record
 from bertpre.tokenizer import (
     SentenceEncoder,
     check_vocab_size,
@@ -174,7 +181,6 @@ class BlockProcessor:
             if options.static_masking
             else None
         )
-        self.schema = arrow_schema(options.static_masking)
 
     def __call__(self, block: TextBlock) -> tuple[str, list[pa.RecordBatch], SplitStats]:
         stats = SplitStats()
@@ -220,17 +226,13 @@ class BlockProcessor:
         token_type_ids = np.concatenate([types for _, types in encoded]) if encoded else np.zeros(0, np.int8)
         labels = np.array([inst.is_random_next for inst in instances], dtype=np.int8)
         _count(stats, instances, lengths, self.options.pairs.max_seq_length)
-        columns = {}
-        if self.masker is not None:
-            columns.update(self._static_masks(input_ids, offsets, mask_rng))  # masks input_ids in place
-        offsets32 = offsets.astype(np.int32)
-        columns["input_ids"] = pa.ListArray.from_arrays(offsets32, input_ids.astype(np.int32))
-        columns["token_type_ids"] = pa.ListArray.from_arrays(offsets32, token_type_ids.astype(np.int8))
-        columns["next_sentence_label"] = pa.array(labels, type=pa.int8())
-        return pa.RecordBatch.from_pydict(columns, schema=self.schema)
+        # static masking masks input_ids in place
+        masked = self._static_masks(input_ids, offsets, mask_rng) if self.masker is not None else None
+        return encode_pairs(input_ids, token_type_ids, offsets, labels, masked)
 
-    def _static_masks(self, flat_ids: np.ndarray, offsets: np.ndarray, rng: np.random.Generator) -> dict:
-        """Mask ``flat_ids`` in place; return the stored positions and original ids per instance."""
+    def _static_masks(self, flat_ids: np.ndarray, offsets: np.ndarray, rng: np.random.Generator) -> tuple:
+        """Mask ``flat_ids`` in place; return the masked positions, their original ids and the offsets
+        of each instance's share of them."""
         assert self.masker is not None
         chosen = [self.masker.choose_positions(flat_ids[s:e], rng) for s, e in zip(offsets[:-1], offsets[1:])]
         counts = np.array([len(c) for c in chosen], dtype=np.int64)
@@ -238,11 +240,7 @@ class BlockProcessor:
         flat_cols = positions + np.repeat(offsets[:-1], counts)
         view = flat_ids.reshape(1, -1)
         originals = self.masker.apply(view, np.zeros(len(flat_cols), dtype=np.int64), flat_cols, rng)
-        mask_offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int32)
-        return {
-            "masked_lm_positions": pa.ListArray.from_arrays(mask_offsets, positions),
-            "masked_lm_ids": pa.ListArray.from_arrays(mask_offsets, originals.astype(np.int32)),
-        }
+        return positions, originals, np.concatenate([[0], np.cumsum(counts)])
 
 
 def _count(s: SplitStats, instances: list[Instance], lengths: np.ndarray, max_seq_length: int) -> None:
@@ -358,15 +356,15 @@ def _progress(iterable, desc: str, unit: str):
     return tqdm(iterable, desc=desc, unit=f" {unit}", disable=None, mininterval=1.0, leave=False)
 
 
-def prepare(options: PrepareOptions) -> dict:
+def prepare(options: PrepareOptions) -> PrepareRecord:
     """Run the whole preparation; returns the record also written to ``prepare.json``."""
     files = expand_inputs(options.inputs)
     started = time.perf_counter()
     sources = [*options.inputs, *files, *([options.tokenizer] if options.tokenizer else [])]
     with staged_output(options.output, options.overwrite, inputs=sources) as staging:
         record = _prepare_into(staging, options, files)
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        (staging / "prepare.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record.seconds = round(time.perf_counter() - started, 2)
+        record.write(staging)
     return record
 
 
@@ -381,7 +379,7 @@ def write_tokenizer(inputs: list[str], output: Path, corpus: CorpusOptions, voca
     return {"vocab_size": tokenizer.get_vocab_size(), "fingerprint": vocab_fingerprint(tokenizer), **record}
 
 
-def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> dict:
+def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> PrepareRecord:
     tokenizer, tokenizer_record = _obtain_tokenizer(options, files)
     save_tokenizer(tokenizer, staging)
     (staging / "dataset").mkdir()
@@ -402,7 +400,7 @@ def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> 
         if corpus_stats.sentences == 0:
             raise UserError(f"no text found in the inputs ({corpus_stats.files} files): the corpus is empty")
         raise UserError("no training pairs: every document went to validation; lower --validation-fraction")
-    return make_record(options.to_json(), tokenizer, tokenizer_record, corpus_stats, stats)
+    return PrepareRecord.build(options.to_json(), tokenizer, tokenizer_record, corpus_stats.counts(), stats)
 
 
 def shard_files(files: list[Path], options: PrepareOptions) -> list[Path]:

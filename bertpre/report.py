@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
+from bertpre.dataformat import PreparedData, summary
 from bertpre.errors import UserError
 from bertpre.outputs import atomic_write, check_apart
-from bertpre.prepared import PreparedData, summary
 
 
 def token_counts(prepared: PreparedData, split: str = "train", batch_rows: int = 65_536) -> np.ndarray:
@@ -48,7 +48,7 @@ def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
     prepared = PreparedData(path, option="inspect")
     record = prepared.record
     counts = token_counts(prepared)
-    special = set(record["tokenizer"]["special_ids"].values())
+    special = set(record.tokenizer["special_ids"].values())
     ordinary = np.array([c for i, c in enumerate(counts) if i not in special])
     unused = int(np.count_nonzero(ordinary == 0))
     folder = prepared.path.resolve()
@@ -56,13 +56,12 @@ def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
     check_apart(out, [prepared.path], option="--plot")
 
     fig, (lengths, nsp, freq) = plt.subplots(1, 3, figsize=(15, 4.2))
-    hist = record["statistics"]["length_histogram"]
-    edges = hist["bin_edges"]
-    lengths.bar(edges[:-1], hist["counts"], width=np.diff(edges), align="edge", edgecolor="black")
+    edges = record.histogram_edges
+    lengths.bar(edges[:-1], record.total.length_counts, width=np.diff(edges), align="edge", edgecolor="black")
     lengths.set(title="sequence length", xlabel="tokens", ylabel="pairs (log scale)", yscale="log")
-    names = [n for n, s in record["split_stats"].items() if s["instances"]]
-    not_next = [record["split_stats"][n]["not_next"] for n in names]
-    is_next = [record["split_stats"][n]["instances"] - k for n, k in zip(names, not_next)]
+    names = [n for n, s in record.splits.items() if s.instances]
+    not_next = [record.splits[n].not_next for n in names]
+    is_next = [record.splits[n].instances - k for n, k in zip(names, not_next)]
     nsp.bar(names, is_next, label="IsNext")
     nsp.bar(names, not_next, bottom=is_next, label="NotNext")
     for i, (a, b) in enumerate(zip(is_next, not_next)):

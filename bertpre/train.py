@@ -35,7 +35,7 @@ from bertpre.faults import (
     resolve_ckpt_path,
 )
 from bertpre.hardware import resolve_precision
-from bertpre.module import PretrainModule
+from bertpre.pretraining import PretrainModule
 from bertpre.progress import ModelLine, StepProgressBar, quiet_lightning
 
 

@@ -22,11 +22,11 @@ import numpy as np
 import torch
 
 from bertpre.data import ContentSeededCollator
+from bertpre.dataformat import PreparedData
 from bertpre.errors import UserError
 from bertpre.export import load_pretrained
 from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
 from bertpre.model import BertForPretraining
-from bertpre.prepared import PreparedData
 
 
 def main() -> None:

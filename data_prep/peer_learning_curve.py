@@ -21,13 +21,13 @@ import numpy as np
 import torch
 
 from bertpre.data import ContentSeededCollator
+from bertpre.dataformat import PreparedData
 from bertpre.errors import UserError
 from bertpre.hf import to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
 from bertpre.model import BertConfig, BertForPretraining
 from bertpre.optim import build_optimizer
-from bertpre.prepared import PreparedData
 
 FRAMEWORKS = ("bertpre", "transformers")
 

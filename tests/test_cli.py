@@ -30,7 +30,7 @@ def series(rows, key):
 
 def length_rule_accuracy(data) -> float:
     """The best NSP accuracy of a threshold on the length of A alone, on the training pairs."""
-    from bertpre.prepared import PreparedData
+    from bertpre.dataformat import PreparedData
 
     train = PreparedData(data).load_dataset()["train"].with_format("numpy")
     sep = PreparedData(data).tokenizer.token_to_id("[SEP]")
@@ -168,7 +168,7 @@ def test_vocabulary_padded_to_a_multiple(sample_prepared, tmp_path, capsys):
     main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
           "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
           "--model.vocab_multiple_of", "64"])
-    from bertpre.module import read_checkpoint
+    from bertpre.checkpoint import read_checkpoint
 
     saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert saved["bertpre"]["model_config"]["vocab_size"] == 2048  # the tokenizer has 2000
@@ -181,7 +181,7 @@ def test_compiled_training_keeps_plain_checkpoint_names(sample_prepared, tmp_pat
     main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
           "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
           "--model.compile", "true"])
-    from bertpre.module import read_checkpoint
+    from bertpre.checkpoint import read_checkpoint
 
     names = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"].keys()
     assert "model.embeddings.word.weight" in names and not any("_orig_mod" in n for n in names)

@@ -5,7 +5,7 @@ from conftest import ROOT
 
 from bertpre.data import PretrainDataModule
 from bertpre.model import PRESETS
-from bertpre.module import PretrainModule
+from bertpre.pretraining import PretrainModule
 from bertpre.train import BertpreCLI
 
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("finetune-"))

@@ -6,7 +6,7 @@ from torch import nn
 from bertpre.context import ordinary_ids, random_context
 from bertpre.masking import IGNORE_INDEX
 from bertpre.model import BertConfig
-from bertpre.module import PretrainModule
+from bertpre.pretraining import PretrainModule
 
 V, SPECIAL = 50, [0, 1, 2, 3, 4]  # [PAD] [UNK] [CLS] [SEP] [MASK]
 

@@ -5,7 +5,6 @@ Usage synopses (with [optional] parts) are skipped; paths need not exist."""
 
 import re
 import shlex
-from pathlib import Path
 
 import pytest
 from conftest import ROOT

@@ -182,7 +182,7 @@ def test_a_non_finite_step_is_reported_and_skipped(sample_prepared, tmp_path, ca
 
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
-    from bertpre.module import PretrainModule
+    from bertpre.pretraining import PretrainModule
     from bertpre.train import connect
 
     poison = gradient_poison(5, lambda module: next(module.model.parameters()), float("nan"))
@@ -298,12 +298,12 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
     from lightning.pytorch.callbacks import ModelCheckpoint
 
     from bertpre.data import PretrainDataModule
+    from bertpre.dataformat import PreparedData
     from bertpre.model import BertConfig
-    from bertpre.module import PretrainModule
-    from bertpre.train import connect
     from bertpre.pairs import PairOptions
     from bertpre.prepare import PrepareOptions, prepare
-    from bertpre.prepared import PreparedData
+    from bertpre.pretraining import PretrainModule
+    from bertpre.train import connect
 
     corpus = tmp_path / "small.txt"
     corpus.write_text("".join((SAMPLE / "carroll-alice.txt").read_text(errors="replace").splitlines(True)[:400]))

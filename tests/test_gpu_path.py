@@ -92,7 +92,7 @@ def test_a_grad_scaler_overflow_is_not_a_non_finite_step(sample_prepared, tmp_pa
 
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
-    from bertpre.module import PretrainModule
+    from bertpre.pretraining import PretrainModule
     from bertpre.train import connect
 
     poison = gradient_poison(1, lambda module: next(module.model.parameters()), float("inf"))
@@ -118,7 +118,7 @@ def test_micro_batches_of_one_step_draw_different_dropout(sample_prepared, tmp_p
 
     from bertpre.data import PretrainDataModule
     from bertpre.model import BertConfig
-    from bertpre.module import PretrainModule
+    from bertpre.pretraining import PretrainModule
     from bertpre.train import connect
 
     seeds = []

@@ -3,6 +3,7 @@ line (exit status 2, no traceback) and leaves nothing written, or overwritten, b
 
 import gzip
 import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,7 @@ import torch
 from conftest import ROOT
 
 from bertpre.cli import main
+from bertpre.dataformat import PreparedData
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 SST2_CONFIG = str(ROOT / "configs" / "finetune-sst2.yaml")
@@ -21,7 +23,7 @@ SST2_CONFIG = str(ROOT / "configs" / "finetune-sst2.yaml")
 class Case:
     name: str
     argv: list[str]  # {tmp}, {data}, {ckpt} are filled in
-    message: str  # the whole error line after "bertpre CMD: error: "
+    message: str  # the whole error line after "bertpre CMD: error: "; {detail}: a library's own words, not pinned
     setup: dict[str, bytes | str] | None = None  # files to create under {tmp}
     absent: tuple[str, ...] = ()  # must not exist afterwards
     unchanged: tuple[str, ...] = ()  # must keep their content
@@ -61,14 +63,14 @@ CASES = [
          "(--skip-unreadable skips such files)",
          {"corpus.txt.gz": gzip.compress(TEXT.encode() * 50)[:60]}, absent=("out",)),
     Case("JSONL line that is not JSON", ["prepare", "--input", "{tmp}/c.jsonl", "--output", "{tmp}/out"],
-         "{tmp}/c.jsonl:2: not valid JSON (Expecting value)",
+         "{tmp}/c.jsonl:2: not valid JSON ({detail})",
          {"c.jsonl": '{"text": "Fine."}\nnot json\n'}, absent=("out",)),
     Case("JSONL without the text field", ["prepare", "--input", "{tmp}/c.jsonl", "--output", "{tmp}/out"],
          "{tmp}/c.jsonl:1: no field 'text' (set --text-field)", {"c.jsonl": '{"body": "Fine."}\n'}, absent=("out",)),
     Case("input that does not exist", ["prepare", "--input", "{tmp}/nowhere/*.txt", "--output", "{tmp}/out"],
          "input not found: {tmp}/nowhere/*.txt", absent=("out",)),
     Case("tokenizer file that is not one", prepare_args("--tokenizer", "{tmp}/tokenizer.json"),
-         "--tokenizer {tmp}/tokenizer.json: not a tokenizers JSON file (expected ident at line 1 column 2)",
+         "--tokenizer {tmp}/tokenizer.json: not a tokenizers JSON file ({detail})",
          {"corpus.txt": TEXT, "tokenizer.json": "this is not json"}, absent=("out",)),
     Case("vocabulary without [MASK]", prepare_args("--tokenizer", "{tmp}/vocab.txt"),
          "--tokenizer {tmp}/vocab.txt: vocabulary has no [MASK] token",
@@ -88,9 +90,9 @@ CASES = [
          "--output {tmp}/out exists and is not empty (use --overwrite to replace it)",
          {"corpus.txt": TEXT, "out/precious.txt": "keep me"}, unchanged=("out/precious.txt",)),
     Case("config with an unknown key", train_args("--model.hidden_sise", "64"),
-         "unrecognized arguments: --model.hidden_sise 64", absent=("run",)),
+         "{detail}--model.hidden_sise 64", absent=("run",)),
     Case("config value of the wrong type", train_args("--data.batch_size", "many"),
-         "Parser key \"data.batch_size\": Expected a <class 'int'>. Got value: many", absent=("run",)),
+         "{detail}data.batch_size{detail}many{detail}", absent=("run",)),
     Case("zero batch size", train_args("--data.batch_size", "0"), "data.batch_size must be at least 1, got 0",
          absent=("run",)),
     Case("negative learning rate", train_args("--model.learning_rate=-1e-3"),
@@ -99,8 +101,8 @@ CASES = [
          "{data} was prepared with max_seq_length 64, above model.config.max_position_embeddings 32",
          absent=("run/checkpoints",)),
     Case("prepared folder from an older schema", train_args("--data.path", "{tmp}/old"),
-         "data.path {tmp}/old: prepared with schema version 1, this bertpre reads version 2; run `bertpre prepare` "
-         "again", absent=("run/checkpoints",)),
+         "data.path {tmp}/old: prepared with schema version 1, this bertpre reads versions 2 and 3; run "
+         "`bertpre prepare` again", absent=("run/checkpoints",)),
     Case("folder that was never prepared", train_args("--data.path", "{tmp}"),
          "data.path {tmp}: no prepare.json; not a folder written by `bertpre prepare`", absent=("run/checkpoints",)),
     Case("checkpoint path that does not exist", train_args("--ckpt_path", "{tmp}/missing.ckpt"),
@@ -257,7 +259,7 @@ def test_hostile_input(case: Case, sample_prepared, pretrained, tmp_path, capsys
     if case.name == "export of another architecture's checkpoint":
         torch.save({"state_dict": {"encoder.weight": torch.zeros(2, 2)}, "epoch": 1}, tmp_path / "other.ckpt")
     before = {name: (tmp_path / name).read_bytes() for name in case.unchanged}
-    train_pairs = json.loads((sample_prepared / "prepare.json").read_text())["counts"]["splits"]["train"]["instances"]
+    train_pairs = PreparedData(sample_prepared).record.splits["train"].instances
     fill = {"tmp": str(tmp_path), "data": str(sample_prepared), "ckpt": str(pretrained), "train_pairs": train_pairs}
     argv = [a.format(**fill) for a in case.argv]
     with pytest.raises(SystemExit) as exit_info:
@@ -265,7 +267,8 @@ def test_hostile_input(case: Case, sample_prepared, pretrained, tmp_path, capsys
     assert exit_info.value.code == 2
     err = capsys.readouterr().err.strip()
     assert "Traceback" not in err
-    assert err.splitlines()[-1] == f"bertpre {argv[0]}: error: " + case.message.format(**fill)
+    expected = f"bertpre {argv[0]}: error: " + case.message.format(**fill, detail="\0")
+    assert re.fullmatch("(.*)".join(map(re.escape, expected.split("\0"))), err.splitlines()[-1]), err
     for name in case.absent:
         assert not (tmp_path / name).exists(), f"{name} was written"
     for name, content in before.items():
@@ -413,6 +416,5 @@ def test_skip_unreadable_skips_a_corrupt_parquet_file(sample_prepared, tmp_path,
     assert code == 2 and err.endswith("(--skip-unreadable skips such files)") and "bad.parquet" in err
     code, out, _ = run_main(argv + ["--skip-unreadable"], capsys)
     assert code == 0 and "  warning: 1 unreadable files were skipped (listed in prepare.json)" in out.splitlines()
-    record = json.loads((tmp_path / "out" / "prepare.json").read_text())
-    skipped = record["statistics"]["skipped_files"]
+    skipped = PreparedData(tmp_path / "out").record.corpus.skipped_files
     assert len(skipped) == 1 and "bad.parquet" in skipped[0]

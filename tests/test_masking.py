@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 import torch
 
+from bertpre.dataformat import PreparedData
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
-from bertpre.prepared import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 

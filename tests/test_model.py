@@ -3,12 +3,12 @@ from dataclasses import replace
 import pytest
 import torch
 
+from bertpre.dataformat import PreparedData
 from bertpre.errors import UserError
 from bertpre.hf import from_hf_state_dict, to_hf_state_dict, to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
 from bertpre.model import PRESETS, BertConfig, BertForPretraining
-from bertpre.prepared import PreparedData
 from bertpre.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")

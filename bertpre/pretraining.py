@@ -1,8 +1,8 @@
 """LightningModule for MLM + NSP pretraining.
 
-The model is built in ``configure_model``, once the data module has told it the
-tokenizer: the vocabulary size comes from the prepared data unless the config sets one
-(which may be larger, e.g. padded to a multiple of 64). Checkpoints carry a ``bertpre``
+The model is built in ``configure_model``, after ``bertpre.train.connect`` has handed it what
+it needs from the prepared data (``use_data``): the vocabulary size comes from the tokenizer
+unless the config sets one (which may be larger, e.g. padded to a multiple of 64). Checkpoints carry a ``bertpre``
 entry with the resolved model config and the tokenizer, so they stand on their own.
 """
 
@@ -15,14 +15,15 @@ from dataclasses import asdict, replace
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.callbacks import Timer
 import numpy as np
 import torch
+from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric, SumMetric
 
 import bertpre
 from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
 from bertpre.context import ordinary_ids, random_context
+from bertpre.dataformat import PreparedData
 from bertpre.errors import UserError
 from bertpre.faults import (
     FinalCheckpoint,
@@ -43,7 +44,6 @@ from bertpre.optim import (
     step_schedule,
     time_schedule,
 )
-from bertpre.prepared import PreparedData
 from bertpre.throughput import ThroughputLogger
 from bertpre.tokenizer import special_ids
 
@@ -90,7 +90,7 @@ class PretrainModule(L.LightningModule):
                 read as the run goes, so a run given a time budget warms up, decays and ends at 0 within it
             init_from: a bertpre checkpoint whose weights start this run (e.g. phase 2 from phase 1)
             optimizer: "adamw" or "lamb" (for batches of many thousands)
-            optimizer_implementation: AdamW's kernel: "auto" (fused on CUDA, torch's default elsewhere),
+            optimizer_implementation: AdamW's kernel: "auto" (fused on CUDA and CPU, torch's default elsewhere),
                 "fused", "foreach" or "for-loop"; each works with gradient clipping and every precision
             vocab_multiple_of: when vocab_size is taken from the tokenizer, round it up to a multiple
                 of this (64 suits GPU tensor cores); the extra rows are never predicted
@@ -127,7 +127,7 @@ class PretrainModule(L.LightningModule):
         self.warmup_fraction = warmup_fraction
         if optimizer not in OPTIMIZERS:
             raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        adamw_implementation(optimizer_implementation, on_cuda=False)  # checks the name
+        adamw_implementation(optimizer_implementation, device_type="cpu")  # checks the name
         self.optimizer_implementation = optimizer_implementation
         if vocab_multiple_of < 1:
             raise UserError(f"model.vocab_multiple_of must be at least 1, got {vocab_multiple_of}")

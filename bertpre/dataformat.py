@@ -1,9 +1,11 @@
-"""A prepared folder: its layout, its record (``prepare.json``) and reading it back.
+"""The on-disk format of a prepared folder: layout, Arrow encoding, record (``prepare.json``), reading.
 
 Layout: ``tokenizer.json``, ``vocab.txt``, ``prepare.json`` and ``dataset/{split}-NNNNN.arrow``,
-Arrow stream files that ``datasets.Dataset.from_file`` memory-maps. ``PreparedData`` reads
-a folder for training, ``combine`` joins the folders of sharded runs, ``staged_output``
-writes any of them so that an interrupted run never leaves one that looks complete.
+Arrow stream files (``arrow_schema``, written by ``encode_pairs`` and ``SplitFiles``) that
+``datasets.Dataset.from_file`` memory-maps. ``PrepareRecord`` is ``prepare.json``,
+``PreparedData`` reads a folder for training, ``combine`` joins the folders of sharded runs;
+``staged_output`` writes any of them so that an interrupted run never leaves one that looks
+complete. The pipeline that produces a folder is ``bertpre.prepare``.
 """
 
 from __future__ import annotations
@@ -16,16 +18,18 @@ import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 from tokenizers import Tokenizer
 
 import bertpre
-from bertpre.corpus import CorpusStats
+from bertpre.corpus import CorpusCounts
 from bertpre.errors import UserError
 from bertpre.outputs import staged_output
 from bertpre.tokenizer import load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 
-SCHEMA_VERSION = 2  # 2: dataset/{split}-NNNNN.arrow files (1: a save_to_disk folder)
+SCHEMA_VERSION = 3  # 3: prepare.json holds each value once; 2: dataset/{split}-NNNNN.arrow files (1: save_to_disk)
+READABLE_SCHEMAS = (2, 3)  # the data files of 2 and 3 are the same
 OUTPUT_FILE_BYTES = 1 << 29  # a split's next record batch goes to a new file after 512 MiB
 SPLITS = ("train", "validation")
 HISTOGRAM_BINS = 16
@@ -98,6 +102,28 @@ def arrow_schema(static_masking: bool) -> pa.Schema:
 
 
 
+def encode_pairs(input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.ndarray, next_sentence_label: np.ndarray,
+                 masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> pa.RecordBatch:
+    """Sentence pairs -> one Arrow record batch in ``arrow_schema``'s layout.
+
+    ``input_ids`` and ``token_type_ids`` are the pairs' tokens laid end to end, pair i at
+    ``offsets[i]:offsets[i + 1]``; ``masked`` (static masking) is ``(positions, original ids,
+    offsets)`` of the masked tokens, laid out the same way.
+    """
+    offsets32 = offsets.astype(np.int32)
+    columns = {
+        "input_ids": pa.ListArray.from_arrays(offsets32, input_ids.astype(np.int32)),
+        "token_type_ids": pa.ListArray.from_arrays(offsets32, token_type_ids.astype(np.int8)),
+        "next_sentence_label": pa.array(next_sentence_label, type=pa.int8()),
+    }
+    if masked is not None:
+        positions, originals, mask_offsets = masked
+        mask_offsets = mask_offsets.astype(np.int32)
+        columns["masked_lm_positions"] = pa.ListArray.from_arrays(mask_offsets, positions.astype(np.int32))
+        columns["masked_lm_ids"] = pa.ListArray.from_arrays(mask_offsets, originals.astype(np.int32))
+    return pa.RecordBatch.from_pydict(columns, schema=arrow_schema(masked is not None))
+
+
 def dataset_features(static_masking: bool):
     import datasets
 
@@ -112,112 +138,150 @@ def _feature(arrow_type: pa.DataType):
     return datasets.Value(str(arrow_type))
 
 
-def corpus_counts(corpus: CorpusStats) -> dict:
-    return {"files": corpus.files, "input_bytes": corpus.input_bytes, "documents": corpus.documents,
-            "invalid_utf8_bytes": corpus.invalid_utf8_bytes, "invalid_utf8_by_file": corpus.invalid_utf8_by_file,
-            "skipped_files": corpus.skipped_files}
+@dataclass
+class PrepareRecord:
+    """``prepare.json``: every value once. What can be computed from them (the sequence length,
+    the NotNext share, the histogram's bin edges, ...) is a property, not a stored copy.
+
+    ``splits`` keeps the raw per-split counts, so the records of shards add up (``bertpre combine``).
+    """
+
+    options: dict  # the run's options as given (PrepareOptions.to_json); max_seq_length under "pairs"
+    tokenizer: dict  # vocab_size, fingerprint, special_ids, trained, and how it was trained
+    corpus: CorpusCounts
+    splits: dict[str, SplitStats]
+    seconds: float = 0.0
+    combined_from: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+    bertpre_version: str = bertpre.__version__
+
+    @classmethod
+    def build(cls, options: dict, tokenizer: Tokenizer, tokenizer_record: dict, corpus: CorpusCounts,
+              splits: dict[str, SplitStats]) -> PrepareRecord:
+        described = {"vocab_size": tokenizer.get_vocab_size(), "fingerprint": vocab_fingerprint(tokenizer),
+                     "special_ids": asdict(special_ids(tokenizer)), **tokenizer_record}
+        return cls(options=options, tokenizer=described, corpus=corpus, splits=dict(splits))
+
+    @classmethod
+    def from_json(cls, data: dict, source: str) -> PrepareRecord:
+        """Read schema 3 and schema 2 (same data files; its record held some values twice)."""
+        try:
+            version = data.get("schema_version")
+            if version not in READABLE_SCHEMAS:
+                readable = " and ".join(map(str, READABLE_SCHEMAS))
+                raise UserError(f"{source}: prepared with schema version {version}, this bertpre reads versions "
+                                f"{readable}; run `bertpre prepare` again")
+            splits = data["splits"] if version == SCHEMA_VERSION else data["split_stats"]
+            return cls(options=data["options"], tokenizer=data["tokenizer"],
+                       corpus=CorpusCounts(**{f.name: data["corpus"][f.name] for f in fields(CorpusCounts)}),
+                       splits={name: SplitStats(**splits[name]) for name in SPLITS},
+                       seconds=data.get("seconds", 0.0), combined_from=data.get("combined_from", []),
+                       schema_version=SCHEMA_VERSION, bertpre_version=data["bertpre_version"])
+        except (KeyError, TypeError, AttributeError) as e:
+            raise UserError(f"{source}: not a complete prepare record ({type(e).__name__}: {e})") from None
+
+    @classmethod
+    def read(cls, path: Path, label: str | None = None) -> PrepareRecord:
+        """``path``'s record; errors name ``label`` (default: the path)."""
+        try:
+            data = json.loads(Path(path).read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise UserError(f"{path}: not valid JSON ({e.msg})") from None
+        if not isinstance(data, dict):
+            raise UserError(f"{path}: not a prepare record (a JSON object)")
+        return cls.from_json(data, label or str(path))
+
+    def to_json(self) -> dict:
+        return {"schema_version": self.schema_version, "bertpre_version": self.bertpre_version,
+                "seconds": self.seconds, "options": self.options, "tokenizer": self.tokenizer,
+                "corpus": asdict(self.corpus), "splits": {name: asdict(s) for name, s in self.splits.items()},
+                **({"combined_from": self.combined_from} if self.combined_from else {})}
+
+    def write(self, folder: Path) -> None:
+        (folder / "prepare.json").write_text(json.dumps(self.to_json(), indent=2) + "\n", encoding="utf-8")
+
+    # derived figures
+    @property
+    def max_seq_length(self) -> int:
+        return self.options["pairs"]["max_seq_length"]
+
+    @property
+    def static_masking(self) -> bool:
+        return self.options["static_masking"]
+
+    @property
+    def total(self) -> SplitStats:
+        return sum(self.splits.values(), SplitStats())
+
+    def fraction(self, what: str) -> float:
+        """A share of all pairs: ``not_next``, ``short_target`` or ``truncated``."""
+        total = self.total
+        return getattr(total, what) / max(total.instances, 1)
+
+    @property
+    def truncated_token_fraction(self) -> float:
+        return self.total.truncated_tokens / max(self.total.pair_tokens, 1)
+
+    @property
+    def unk_rate(self) -> float:
+        return self.total.unk_tokens / max(self.total.tokens, 1)
+
+    @property
+    def histogram_edges(self) -> list[int]:
+        return histogram_edges(self.max_seq_length)
 
 
-def make_record(options: dict, tokenizer: Tokenizer, tokenizer_record: dict, corpus: CorpusStats | dict,
-                splits: dict[str, SplitStats]) -> dict:
-    """The prepare.json record. It keeps the raw per-split counts, so records of shards can be
-    added up (``bertpre combine``)."""
-    corpus = corpus_counts(corpus) if isinstance(corpus, CorpusStats) else corpus
-    total = sum(splits.values(), SplitStats())
-    instances = max(total.instances, 1)
-    return {
-        "schema_version": SCHEMA_VERSION,
-        "bertpre_version": bertpre.__version__,
-        "options": options,
-        "tokenizer": {
-            "vocab_size": tokenizer.get_vocab_size(),
-            "fingerprint": vocab_fingerprint(tokenizer),
-            "special_ids": asdict(special_ids(tokenizer)),
-            **tokenizer_record,
-        },
-        "max_seq_length": options["pairs"]["max_seq_length"],
-        "static_masking": options["static_masking"],
-        "corpus": corpus,
-        "split_stats": {name: asdict(stats) for name, stats in splits.items()},
-        "counts": {
-            "files": corpus["files"],
-            "input_bytes": corpus["input_bytes"],
-            "documents": corpus["documents"],
-            "documents_used": total.documents,
-            "sentences": total.sentences,
-            "tokens": total.tokens,
-            "instances": total.instances,
-            "splits": {name: {"documents": s.documents, "instances": s.instances} for name, s in splits.items()},
-        },
-        "statistics": {
-            "not_next_fraction": round(total.not_next / instances, 4),
-            "short_target_fraction": round(total.short_target / instances, 4),
-            "truncated_fraction": round(total.truncated / instances, 4),
-            "truncated": total.truncated,
-            "truncated_tokens": total.truncated_tokens,
-            "truncated_token_fraction": round(total.truncated_tokens / max(total.pair_tokens, 1), 4),
-            "unk_rate": round(total.unk_tokens / max(total.tokens, 1), 6),
-            "invalid_utf8_bytes": corpus["invalid_utf8_bytes"],
-            "invalid_utf8_by_file": corpus["invalid_utf8_by_file"],
-            "skipped_files": corpus["skipped_files"],
-            "length_histogram": {
-                "bin_edges": histogram_edges(options["pairs"]["max_seq_length"]),
-                "counts": total.length_counts,
-            },
-        },
-    }
-
-
-def summary(record: dict, output: Path) -> str:
+def summary(record: PrepareRecord, output: Path) -> str:
     """The one-screen report printed at the end of ``bertpre prepare``."""
-    c, s, t = record["counts"], record["statistics"], record["tokenizer"]
-    hist = s["length_histogram"]
-    peak = max(hist["counts"]) or 1
-    edges = hist["bin_edges"]
+    total, corpus, t = record.total, record.corpus, record.tokenizer
+    train, validation = record.splits["train"], record.splits["validation"]
+    peak = max(total.length_counts) or 1
+    edges = record.histogram_edges
     bars = "\n".join(
         f"    {edges[i]:>4}-{edges[i + 1] - 1:<4} {'#' * (max(1, round(40 * n / peak)) if n else 0):<40} {n}"
-        for i, n in enumerate(hist["counts"])
+        for i, n in enumerate(total.length_counts)
     )
+    not_next = record.fraction("not_next")
     warnings = []
-    if c["documents_used"] < 2:
+    if total.documents < 2:
         warnings.append("only one document: NotNext partners come from that same document")
-    if c["splits"]["validation"]["instances"] == 0:
+    if validation.instances == 0:
         warnings.append("the validation split is empty (one document, or --validation-fraction 0): training "
                         "will run without validation; --doc-separator can split a file into documents")
-    elif c["splits"]["validation"]["documents"] == 1:
+    elif validation.documents == 1:
         warnings.append("the validation split has one document, so its NotNext partners come from that same "
                         "document: val/nsp_accuracy then measures a harder task than training does "
                         "(more documents, e.g. with --doc-separator, avoid this)")
-    nsp_probability = record["options"]["pairs"]["nsp_probability"]
-    if s["not_next_fraction"] > nsp_probability + 0.1:
-        warnings.append(f"{100 * s['not_next_fraction']:.1f}% of pairs are NotNext, not {100 * nsp_probability:.0f}%: "
+    nsp_probability = record.options["pairs"]["nsp_probability"]
+    if not_next > nsp_probability + 0.1:
+        warnings.append(f"{100 * not_next:.1f}% of pairs are NotNext, not {100 * nsp_probability:.0f}%: "
                         "most chunks hold one sentence (documents of one sentence, or sentences longer than "
                         "--max-seq-length), and a one-sentence chunk always gets a random B")
-    if s.get("truncated_token_fraction", 0) > 0.05:
-        warnings.append(f"truncation to --max-seq-length dropped {s['truncated_tokens']} tokens of text, "
-                        f"{100 * s['truncated_token_fraction']:.1f}% of what the pairs took (above 5%): pairs end with the "
-                        "sentence that crosses the target length and are cut to --max-seq-length, as in Google's "
-                        "BERT; a longer --max-seq-length loses less")
-    requested = record["options"].get("vocab_size")
+    if record.truncated_token_fraction > 0.05:
+        warnings.append(f"truncation to --max-seq-length dropped {total.truncated_tokens} tokens of text, "
+                        f"{100 * record.truncated_token_fraction:.1f}% of what the pairs took (above 5%): pairs end "
+                        "with the sentence that crosses the target length and are cut to --max-seq-length, as in "
+                        "Google's BERT; a longer --max-seq-length loses less")
+    requested = record.options.get("vocab_size")
     if t["trained"] and requested and t["vocab_size"] < requested // 2:
         warnings.append(f"the trained vocabulary has {t['vocab_size']} entries, far fewer than --vocab-size "
                         f"{requested}: the corpus is too small to learn a vocabulary from")
-    if s.get("skipped_files"):
-        warnings.append(f"{len(s['skipped_files'])} unreadable files were skipped (listed in prepare.json)")
-    if s["invalid_utf8_bytes"]:
-        warnings.append(f"{s['invalid_utf8_bytes']} bytes were not valid UTF-8 and were replaced "
+    if corpus.skipped_files:
+        warnings.append(f"{len(corpus.skipped_files)} unreadable files were skipped (listed in prepare.json)")
+    if corpus.invalid_utf8_bytes:
+        warnings.append(f"{corpus.invalid_utf8_bytes} bytes were not valid UTF-8 and were replaced "
                         f"(per file in prepare.json)")
     lines = [
-        f"prepared {output} in {record['seconds']} s",
-        f"  input       {c['files']} files, {c['input_bytes'] / 1e6:.1f} MB, {c['documents']} documents, "
-        f"{c['sentences']} sentences, {c['tokens']} tokens",
+        f"prepared {output} in {record.seconds} s",
+        f"  input       {corpus.files} files, {corpus.input_bytes / 1e6:.1f} MB, {corpus.documents} documents, "
+        f"{total.sentences} sentences, {total.tokens} tokens",
         f"  tokenizer   {'trained' if t['trained'] else 'reused'}, vocab {t['vocab_size']}, "
-        f"[UNK] rate {100 * s['unk_rate']:.3f}%",
-        f"  pairs       train {c['splits']['train']['instances']} ({c['splits']['train']['documents']} documents), "
-        f"validation {c['splits']['validation']['instances']} ({c['splits']['validation']['documents']} documents)",
-        f"  NotNext {100 * s['not_next_fraction']:.1f}%   short targets {100 * s['short_target_fraction']:.1f}%   "
-        f"truncated {100 * s['truncated_fraction']:.1f}% of pairs, "
-        f"{100 * s.get('truncated_token_fraction', 0):.1f}% of the text",
+        f"[UNK] rate {100 * record.unk_rate:.3f}%",
+        f"  pairs       train {train.instances} ({train.documents} documents), "
+        f"validation {validation.instances} ({validation.documents} documents)",
+        f"  NotNext {100 * not_next:.1f}%   short targets {100 * record.fraction('short_target'):.1f}%   "
+        f"truncated {100 * record.fraction('truncated'):.1f}% of pairs, "
+        f"{100 * record.truncated_token_fraction:.1f}% of the text",
         "  sequence lengths:",
         bars,
     ] + [f"  warning: {w}" for w in warnings]
@@ -234,19 +298,10 @@ class PreparedData:
             raise UserError(f"{option} {self.path}: not found (run `bertpre prepare --output {self.path}` first)")
         if not record_path.is_file():
             raise UserError(f"{option} {self.path}: no prepare.json; not a folder written by `bertpre prepare`")
-        try:
-            self.record = json.loads(record_path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise UserError(f"{record_path}: not valid JSON ({e.msg})") from None
-        version = self.record.get("schema_version")
-        if version != SCHEMA_VERSION:
-            raise UserError(
-                f"{option} {self.path}: prepared with schema version {version}, this bertpre reads version "
-                f"{SCHEMA_VERSION}; run `bertpre prepare` again"
-            )
+        self.record = PrepareRecord.read(record_path, label=f"{option} {self.path}")
         self.tokenizer: Tokenizer = load_tokenizer(self.path / "tokenizer.json")
         self.fingerprint = vocab_fingerprint(self.tokenizer)
-        self.max_seq_length: int = self.record["max_seq_length"]
+        self.max_seq_length: int = self.record.max_seq_length
 
     @property
     def vocab_size(self) -> int:
@@ -263,7 +318,7 @@ class PreparedData:
         files = self.split_files()
         if not files["train"]:
             raise UserError(f"{self.option} {self.path}: dataset/train-*.arrow missing; run `bertpre prepare` again")
-        info = datasets.DatasetInfo(features=dataset_features(self.record["static_masking"]))
+        info = datasets.DatasetInfo(features=dataset_features(self.record.static_masking))
         splits = {}
         for name, paths in files.items():
             if paths:
@@ -313,18 +368,13 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
     for part in parts[1:]:
         for what, mine, theirs in (("tokenizer", part.fingerprint, first.fingerprint),
                                    ("max_seq_length", part.max_seq_length, first.max_seq_length),
-                                   ("static_masking", part.record["static_masking"], first.record["static_masking"])):
+                                   ("static_masking", part.record.static_masking, first.record.static_masking)):
             if mine != theirs:
                 raise UserError(f"shard {part.path}: {what} differs from {first.path} ({mine} vs {theirs}); "
                                 "shards must be prepared with the same options and --tokenizer")
     started = time.perf_counter()
-    split_stats = {name: sum((SplitStats(**p.record["split_stats"][name]) for p in parts), SplitStats())
-                   for name in SPLITS}
-    corpus = {"files": 0, "input_bytes": 0, "documents": 0, "invalid_utf8_bytes": 0, "invalid_utf8_by_file": {},
-              "skipped_files": []}
-    for part in parts:
-        for key, value in part.record["corpus"].items():
-            corpus[key] = {**corpus[key], **value} if isinstance(value, dict) else corpus[key] + value
+    splits = {name: sum((p.record.splits[name] for p in parts), SplitStats()) for name in SPLITS}
+    corpus = sum((p.record.corpus for p in parts), CorpusCounts())
     with staged_output(output, overwrite, inputs=[p.path for p in parts]) as staging:
         (staging / "dataset").mkdir()
         for name in SPLITS:
@@ -332,12 +382,12 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
             for number, source in enumerate(sources):
                 _link_or_copy(source, staging / "dataset" / f"{name}-{number:05d}.arrow")
         save_tokenizer(first.tokenizer, staging)
-        options = dict(first.record["options"], inputs=[str(p.path) for p in parts], output=str(output),
+        options = dict(first.record.options, inputs=[str(p.path) for p in parts], output=str(output),
                        shard_index=0, num_shards=1)
-        record = make_record(options, first.tokenizer, {"trained": False, "seconds": 0.0}, corpus, split_stats)
-        record["combined_from"] = [str(p.path) for p in parts]
-        record["seconds"] = round(time.perf_counter() - started, 2)
-        (staging / "prepare.json").write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        record = PrepareRecord.build(options, first.tokenizer, {"trained": False, "seconds": 0.0}, corpus, splits)
+        record.combined_from = [str(p.path) for p in parts]
+        record.seconds = round(time.perf_counter() - started, 2)
+        record.write(staging)
     return record
 
 
