@@ -2,7 +2,8 @@
 
 Both models get the same config, the same weights (through the HF name map), the same
 batches (15% of positions predicted, NSP labels) and the same optimizer (AdamW with
-BERT's weight-decay groups). Steps alternate between the two after warm-up, so that
+BERT's weight-decay groups). bertpre's step is its training step: the MLM head at the fixed
+prediction slots its collator gives (20 per 128 tokens, empty ones ignored by the loss). Steps alternate between the two after warm-up, so that
 both see the same machine state; the median step time is reported. Peak memory is the
 CUDA allocator's peak on GPU, and on CPU the peak RSS of a separate process that runs
 only that model's steps.
@@ -25,8 +26,9 @@ import torch
 from bertpre.errors import UserError
 from bertpre.hf import to_transformers
 from bertpre.loss import pretraining_loss
+from bertpre.masking import default_max_predictions, prediction_slots
 from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import parameter_groups
+from bertpre.optim import adamw_implementation, parameter_groups
 from bertpre.throughput import model_flops_per_token, peak_flops
 
 FRAMEWORKS = ("bertpre", "transformers")
@@ -67,6 +69,9 @@ def _batch(options: BenchOptions, device: torch.device) -> dict[str, torch.Tenso
         "labels": labels,
         "next_sentence_label": torch.randint(0, 2, (B,), generator=g),
     }
+    # bertpre's training step reads Google-style prediction slots (fixed count per row), as its collator gives
+    positions, slot_labels = prediction_slots(labels.numpy(), default_max_predictions(T))
+    batch["mlm_positions"], batch["mlm_labels"] = torch.from_numpy(positions), torch.from_numpy(slot_labels)
     return {k: v.to(device) for k, v in batch.items()}
 
 
@@ -79,11 +84,10 @@ def _build(framework: str, options: BenchOptions, device: torch.device) -> tuple
     model.to(device).train()
     if options.compile:
         model.compile()
-    fused = device.type == "cuda"
-    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-4, eps=1e-6, fused=fused)
+    kernel = adamw_implementation("auto", device.type)  # the kernel training's default picks, for both models
+    optimizer = torch.optim.AdamW(parameter_groups(model, 0.01), lr=1e-4, eps=1e-6, **kernel)
     batch = _batch(options, device)
-    predict = batch["labels"] != -100
-    targets = batch["labels"][predict]
+    slots = {k: batch.pop(k) for k in ("mlm_positions", "mlm_labels")}
     autocast = torch.autocast(device.type, dtype=torch.bfloat16, enabled=options.precision == "bf16")
 
     def step() -> None:
@@ -91,8 +95,9 @@ def _build(framework: str, options: BenchOptions, device: torch.device) -> tuple
             if framework == "transformers":
                 loss = model(**batch).loss
             else:
-                mlm, nsp = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], predict=predict)
-                loss = pretraining_loss(mlm, targets, nsp, batch["next_sentence_label"]).loss
+                mlm, nsp = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"],
+                                 positions=slots["mlm_positions"])
+                loss = pretraining_loss(mlm, slots["mlm_labels"], nsp, batch["next_sentence_label"]).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()

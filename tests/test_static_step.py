@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from bertpre.dataformat import PreparedData
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
 from bertpre.model import PRESETS, BertForPretraining
-from bertpre.prepared import PreparedData
 
 # ops whose output shape or value the host must read from the data (a sync on a GPU); boolean-mask
 # indexing dispatches as `index` with a bool tensor
@@ -127,3 +127,39 @@ def test_the_step_compiles_to_one_graph_that_real_batches_never_recompile(sample
     slot_loss(eager, batches[-1]).loss.backward()
     for (name, p), q in zip(model.named_parameters(), eager.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
+def guard_steps(action: str, values: list[float]):
+    """Run NonFiniteGuard's per-step hook over steps whose loss and gradients hold ``values``."""
+    from types import SimpleNamespace
+
+    from bertpre.faults import NonFiniteGuard
+
+    guard = NonFiniteGuard(action, max_in_a_row=10)
+    layer = torch.nn.Linear(4, 4)
+    optimizer = torch.optim.AdamW(layer.parameters())
+    trainer = SimpleNamespace(global_step=0, world_size=1, precision_plugin=SimpleNamespace(), is_global_zero=False,
+                              log_every_n_steps=50)
+    with OpCounter() as counter:
+        for step, value in enumerate(values):
+            trainer.global_step = step
+            for p in layer.parameters():
+                p.grad = torch.full_like(p, value)
+            guard.observe(torch.tensor(value))
+            guard.on_before_optimizer_step(trainer, None, optimizer)
+    return guard, trainer, counter.seen
+
+
+def test_the_stop_guard_reads_nothing_from_the_device_between_its_checks():
+    from bertpre.errors import UserError
+
+    guard, trainer, seen = guard_steps("stop", [1.0, float("nan"), 2.0, float("inf")])
+    assert seen.get("where", 0) == 4 and seen.get("_foreach_norm", 0) == 4, "the counter sees the guard's ops"
+    assert not DATA_DEPENDENT & set(seen), seen
+    trainer.global_step = 4
+    with pytest.raises(UserError, match=r"^step 2: non-finite loss nan and gradient norm nan; stopping "
+                                        r"\(model.nonfinite: stop; seen at step 4\)"):
+        guard.check(trainer)
+    # skip must decide at each step, so it reads the verdict every step
+    _, _, seen = guard_steps("skip", [1.0, float("nan"), 2.0])
+    assert seen.get("_local_scalar_dense", 0) >= 3
