@@ -3,7 +3,8 @@
 - ``export_checkpoint``: a bertpre ``.ckpt`` -> a directory that transformers loads as is
   (config.json, model.safetensors, tokenizer files): a pretraining checkpoint as
   ``BertForPreTraining``, a fine-tuning checkpoint as ``BertForSequenceClassification`` with
-  its label names (``id2label``).
+  its label names (``id2label``); a pre-LN model as ``RobertaPreLayerNormForMaskedLM`` /
+  ``RobertaPreLayerNormForSequenceClassification`` (the same computation; no NSP head).
 - ``import_hf``: a BertForPreTraining / BertForMaskedLM / BertModel directory -> a bertpre
   checkpoint for ``model.init_from`` (continued pretraining); missing heads are
   initialised as BERT does and reported.
@@ -35,10 +36,21 @@ from bertpre.checkpoint import (
     read_checkpoint,
 )
 from bertpre.errors import UserError
-from bertpre.hf import HF_TIED, from_hf_state_dict, hf_config, read_hf_dir, to_hf_name, to_hf_state_dict
+from bertpre.hf import (
+    HF_TIED,
+    PRE_LN,
+    from_hf_state_dict,
+    hf_config,
+    pre_ln_hf_config,
+    read_hf_dir,
+    to_hf_name,
+    to_hf_state_dict,
+    to_pre_ln_hf_state_dict,
+)
 from bertpre.model import BertForPretraining
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock, staged_output
 from bertpre.tokenizer import SPECIAL_TOKENS, save_tokenizer, special_ids, vocab_fingerprint
+
 
 def _hf_tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict:
     normalizer = json.loads(tokenizer.to_str()).get("normalizer") or {}
@@ -61,23 +73,33 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, overwrite
     checkpoint = read_checkpoint(checkpoint_path, key=(CHECKPOINT_KEY, TASK_KEY),
                                  kind="bertpre pretraining or fine-tuning")
     meta = checkpoint.get(CHECKPOINT_KEY) or checkpoint[TASK_KEY]
-    if meta["model_config"].get("norm_placement", "post") != "post":
-        raise UserError(f"checkpoint {checkpoint_path}: a pre-LN model (model.config.norm_placement pre) has no "
-                        "exact HuggingFace BERT class, so it is not exported; load_pretrained, bertpre finetune and "
-                        "bertpre predict read it")
     tokenizer = Tokenizer.from_str(meta["tokenizer"])
+    pad = special_ids(tokenizer).pad
+    pre_ln = meta["model_config"].get("norm_placement", "post") == "pre"
     if CHECKPOINT_KEY in checkpoint:
         model = build_model(meta["model_config"], model_state(checkpoint), f"checkpoint {checkpoint_path}")
-        weights = {k: v for k, v in to_hf_state_dict(model.state_dict()).items() if k not in HF_TIED}
-        config = hf_config(model.config, pad_token_id=special_ids(tokenizer).pad)
+        if pre_ln:
+            weights = to_pre_ln_hf_state_dict(model.state_dict(), pad)
+            config = pre_ln_hf_config(model.config, pad_token_id=pad)
+        else:
+            weights = {k: v for k, v in to_hf_state_dict(model.state_dict()).items() if k not in HF_TIED}
+            config = hf_config(model.config, pad_token_id=pad)
     else:
         classifier, tokenizer, task = load_classifier(checkpoint_path)
-        weights = {to_hf_name(k): v for k, v in classifier.encoder.state_dict().items()}
-        weights.update({f"classifier.{k}": v for k, v in classifier.classifier.state_dict().items()})
-        config = hf_config(classifier.config, pad_token_id=special_ids(tokenizer).pad)
+        encoder = classifier.encoder.state_dict()
+        head = classifier.classifier.state_dict()
+        if pre_ln:  # RoBERTa's classification head: dense + tanh (bertpre's pooler), then out_proj
+            weights = {k: v for k, v in to_pre_ln_hf_state_dict(encoder, pad).items() if k.startswith(PRE_LN)}
+            weights.update({f"classifier.dense.{k}": encoder[f"pooler.{k}"] for k in ("weight", "bias")})
+            weights.update({f"classifier.out_proj.{k}": v for k, v in head.items()})
+            config = pre_ln_hf_config(classifier.config, pad_token_id=pad)
+        else:
+            weights = {to_hf_name(k): v for k, v in encoder.items()}
+            weights.update({f"classifier.{k}": v for k, v in head.items()})
+            config = hf_config(classifier.config, pad_token_id=pad)
         labels = task["labels"]
-        config.update(architectures=["BertForSequenceClassification"], id2label=dict(enumerate(labels)),
-                      label2id={label: i for i, label in enumerate(labels)},
+        config.update(architectures=[f"{'RobertaPreLayerNorm' if pre_ln else 'Bert'}ForSequenceClassification"],
+                      id2label=dict(enumerate(labels)), label2id={label: i for i, label in enumerate(labels)},
                       problem_type="single_label_classification",
                       classifier_dropout=task.get("classifier_dropout", config["hidden_dropout_prob"]))
         model = classifier

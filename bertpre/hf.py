@@ -1,5 +1,6 @@
 """bertpre's model and transformers' BERT: the name map (``BertForPreTraining`` and
-``BertForSequenceClassification``), the config both ways, and reading a HuggingFace directory.
+``BertForSequenceClassification``; pre-LN models: ``RobertaPreLayerNormForMaskedLM`` and
+``...ForSequenceClassification``), the config both ways, and reading a HuggingFace directory.
 
 One entry per parameter, both directions; the MLM decoder weight is the word-embedding
 matrix (tied), so it has no entry of its own here and HF's copy is dropped on import.
@@ -102,6 +103,64 @@ def hf_config(config: BertConfig, pad_token_id: int) -> dict:
         "position_embedding_type": "absolute",
         "tie_word_embeddings": True,
     }
+
+
+# Pre-LN: transformers' RoBERTa-PreLayerNorm classes hold the same computation (LayerNorm before
+# each sublayer, one after the last layer, learned positions and token types, the same MLM head).
+# Two differences the export absorbs: positions count from pad_token_id + 1 (the table gets that
+# many unused rows in front), and there is no NSP head (the MaskedLM class; the classification
+# class's head is bertpre's pooler + classifier under other names).
+PRE_LN = "roberta_prelayernorm"
+PRE_LN_GLOBAL_NAMES = {
+    "embeddings.word.weight": f"{PRE_LN}.embeddings.word_embeddings.weight",
+    "embeddings.position.weight": f"{PRE_LN}.embeddings.position_embeddings.weight",
+    "embeddings.token_type.weight": f"{PRE_LN}.embeddings.token_type_embeddings.weight",
+    "embeddings.norm.weight": f"{PRE_LN}.embeddings.LayerNorm.weight",
+    "embeddings.norm.bias": f"{PRE_LN}.embeddings.LayerNorm.bias",
+    "final_norm.weight": f"{PRE_LN}.LayerNorm.weight",
+    "final_norm.bias": f"{PRE_LN}.LayerNorm.bias",
+    "mlm_dense.weight": "lm_head.dense.weight",
+    "mlm_dense.bias": "lm_head.dense.bias",
+    "mlm_norm.weight": "lm_head.layer_norm.weight",
+    "mlm_norm.bias": "lm_head.layer_norm.bias",
+    "mlm_bias": "lm_head.bias",
+}
+PRE_LN_LAYER_NAMES = {  # under layers.N. -> under roberta_prelayernorm.encoder.layer.N.
+    "query": "attention.self.query",
+    "key": "attention.self.key",
+    "value": "attention.self.value",
+    "attention_out": "attention.output.dense",
+    "attention_norm": "attention.LayerNorm",
+    "ffn_in": "intermediate.dense",
+    "ffn_norm": "intermediate.LayerNorm",
+    "ffn_out": "output.dense",
+}
+PRE_LN_NOT_EXPORTED = ("pooler.weight", "pooler.bias", "nsp.weight", "nsp.bias")  # no place in the MaskedLM class
+
+
+def to_pre_ln_hf_state_dict(state_dict: dict[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:
+    """A pre-LN model's weights under RobertaPreLayerNormForMaskedLM's names (decoder tied, not listed)."""
+    hf = {}
+    for name, tensor in state_dict.items():
+        m = _OURS_LAYER.fullmatch(name)
+        if m is not None and m.group(2) in PRE_LN_LAYER_NAMES:
+            hf[f"{PRE_LN}.encoder.layer.{m.group(1)}.{PRE_LN_LAYER_NAMES[m.group(2)]}.{m.group(3)}"] = tensor
+        elif name in PRE_LN_GLOBAL_NAMES:
+            hf[PRE_LN_GLOBAL_NAMES[name]] = tensor
+        elif name not in PRE_LN_NOT_EXPORTED:
+            raise KeyError(f"no RoBERTa-PreLayerNorm name for parameter {name!r}")
+    positions = hf[PRE_LN_GLOBAL_NAMES["embeddings.position.weight"]]  # (P, H)
+    unused = positions.new_zeros(pad_token_id + 1, positions.shape[1])  # ids 0..pad: never a real token's position
+    hf[PRE_LN_GLOBAL_NAMES["embeddings.position.weight"]] = torch.cat([unused, positions])  # (pad + 1 + P, H)
+    return hf
+
+
+def pre_ln_hf_config(config: BertConfig, pad_token_id: int) -> dict:
+    """A transformers ``RobertaPreLayerNormConfig`` as a dict, for the same pre-LN model."""
+    hf = hf_config(config, pad_token_id)
+    hf.update(model_type="roberta-prelayernorm", architectures=["RobertaPreLayerNormForMaskedLM"],
+              max_position_embeddings=config.max_position_embeddings + pad_token_id + 1)
+    return hf
 
 
 def config_from_hf(hf: dict) -> BertConfig:

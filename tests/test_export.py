@@ -143,30 +143,45 @@ def test_not_a_checkpoint_and_other_architectures_are_refused(tmp_path, exported
 
 
 @pytest.mark.slow
-def test_a_pre_ln_model_is_refused_by_export_and_read_by_everything_else(sample_prepared, tmp_path, capsys):
+def test_a_pre_ln_model_exports_to_roberta_prelayernorm_and_is_read_by_everything(sample_prepared, tmp_path):
+    """transformers has no pre-LN BERT; its RoBERTa-PreLayerNorm classes compute the same thing once
+    positions are shifted past the padding id. Pretraining and fine-tuned checkpoints both export."""
+    from bertpre.checkpoint import load_classifier
+
     run = tmp_path / "run"
     main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
           "--trainer.default_root_dir", str(run), "--trainer.max_steps", "5", "--trainer.limit_val_batches", "0",
           "--trainer.enable_progress_bar", "false", "--model.config.norm_placement", "pre"])
     ckpt = run / "checkpoints" / "last.ckpt"
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exit_info:
-        main(["export", str(ckpt), "--output", str(tmp_path / "hf")])
-    assert exit_info.value.code == 2 and not (tmp_path / "hf").exists()
-    assert capsys.readouterr().err.strip() == (
-        f"bertpre export: error: checkpoint {ckpt}: a pre-LN model (model.config.norm_placement pre) has no exact "
-        "HuggingFace BERT class, so it is not exported; load_pretrained, bertpre finetune and bertpre predict read it")
-    model, _ = load_pretrained(ckpt)
-    assert model.config.norm_placement == "pre" and model.final_norm is not None
+    main(["export", str(ckpt), "--output", str(tmp_path / "hf")])
+    ours, _ = load_pretrained(ckpt)
+    assert ours.config.norm_placement == "pre" and ours.final_norm is not None
+    theirs = transformers.AutoModelForMaskedLM.from_pretrained(str(tmp_path / "hf")).eval()
+    assert type(theirs).__name__ == "RobertaPreLayerNormForMaskedLM"
+    ids, types, mask = padded_batch(ours.config.vocab_size)
+    with torch.no_grad():
+        mlm, _ = ours.eval()(ids, types, mask)
+        logits = theirs(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
+    real = mask.bool()  # a padded position gets RoBERTa's padding position id there: not compared
+    assert (mlm[real] - logits[real]).abs().max() <= 1e-5
+
     rows = "sentence\tlabel\n" + "".join(f"{w} film\t{i % 2}\n" for i, w in enumerate(["a fine", "a dull"] * 8))
     (tmp_path / "t.tsv").write_text(rows)
     main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained", str(ckpt),
           "--data.train_file", str(tmp_path / "t.tsv"), "--data.validation_file", str(tmp_path / "t.tsv"),
           "--data.batch_size", "4", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "ft"),
           "--trainer.enable_progress_bar", "false"])
-    main(["predict", "--checkpoint", str(tmp_path / "ft" / "checkpoints" / "last.ckpt"), "--input",
-          str(tmp_path / "t.tsv"), "--output", str(tmp_path / "p.tsv")])
+    finetuned = tmp_path / "ft" / "checkpoints" / "last.ckpt"
+    main(["predict", "--checkpoint", str(finetuned), "--input", str(tmp_path / "t.tsv"), "--output",
+          str(tmp_path / "p.tsv")])
     assert len((tmp_path / "p.tsv").read_text().splitlines()) == 17
+    main(["export", str(finetuned), "--output", str(tmp_path / "hf-cls")])
+    classifier, _, _ = load_classifier(finetuned)
+    theirs = transformers.AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "hf-cls")).eval()
+    assert type(theirs).__name__ == "RobertaPreLayerNormForSequenceClassification"
+    with torch.no_grad():
+        difference = classifier(ids, types, mask) - theirs(input_ids=ids, token_type_ids=types, attention_mask=mask).logits
+    assert difference.abs().max() <= 1e-5
 
 
 def test_a_fine_tuned_classifier_exports_to_transformers_with_its_labels(finetuned_checkpoint, tmp_path):

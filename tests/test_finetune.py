@@ -97,7 +97,9 @@ def test_shipped_finetune_config_parses(pretrained, tmp_path):
     cli = BertpreCLI(ClassifierModule, TaskDataModule, run=False,
                      args=["--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
                            str(pretrained), "--trainer.default_root_dir", str(tmp_path)])
-    assert 2e-5 <= cli.model.hparams.learning_rate <= 5e-5 and cli.model.hparams.warmup_fraction == 0.1
+    # the learning rate is left to the encoder's size: the fixture's small encoder gets a small BERT's rate
+    assert cli.model.hparams.learning_rate is None and cli.model.hparams.warmup_fraction == 0.1
+    assert cli.model.learning_rate == 3e-4
     assert cli.datamodule.text_column == ["sentence", "content"] and 2 <= cli.trainer.max_epochs <= 4
     assert cli.trainer.checkpoint_callback.monitor == "val/accuracy"
 
@@ -114,7 +116,6 @@ def test_a_non_finite_fine_tuning_step_is_skipped(pretrained, sst2_slice, tmp_pa
     import lightning as L
 
     from bertpre.finetune import TaskDataModule
-
     from bertpre.train import connect
 
     poison = gradient_poison(3, lambda module: module.model.classifier.weight, float("inf"))
@@ -172,3 +173,17 @@ def test_predict_scores_are_probabilities_and_jsonl_is_read(finetuned_checkpoint
     main(["predict", "--checkpoint", str(finetuned_checkpoint), "--input", str(tmp_path / "in.jsonl"),
           "--output", str(tmp_path / "plain.tsv")])
     assert (tmp_path / "plain.tsv").read_text().splitlines()[0] == "prediction\tsentence"
+
+
+def test_the_default_learning_rate_follows_the_encoder_size(pretrained, capsys):
+    from bertpre.finetune import learning_rate_for
+
+    assert learning_rate_for(128) == learning_rate_for(256) == 3e-4  # bert-tiny, bert-mini
+    assert learning_rate_for(512) == 1e-4  # bert-small, bert-medium
+    assert learning_rate_for(768) == learning_rate_for(1024) == 5e-5  # bert-base, bert-large
+    module = ClassifierModule(str(pretrained))
+    assert module.learning_rate == learning_rate_for(module.encoder.config.hidden_size)
+    assert f"learning rate {module.learning_rate:g} (model.learning_rate unset: hidden size " in capsys.readouterr().out
+    assert ClassifierModule(str(pretrained), learning_rate=3e-4).learning_rate == 3e-4
+    with pytest.raises(UserError, match="model.learning_rate must be positive, got 0"):
+        ClassifierModule(str(pretrained), learning_rate=0.0)

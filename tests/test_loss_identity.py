@@ -43,6 +43,7 @@ def loss_curves(workdir: Path) -> dict[str, list[float]]:
           "--model.pretrained", str(workdir / "pretrain" / "checkpoints" / "last.ckpt"),
           "--data.train_file", str(SST2 / "train.tsv"), "--data.validation_file", str(SST2 / "dev.tsv"),
           "--data.max_train_examples", str(16 * STEPS), "--data.batch_size", "16", "--trainer.max_epochs", "1",
+          "--model.learning_rate", "5e-5",  # the config's rate when the reference was recorded (now set by size)
           "--trainer.default_root_dir", str(workdir / "finetune"), "--trainer.accelerator", "cpu", *quiet])
     return {"pretrain": _losses(workdir / "pretrain"), "finetune": _losses(workdir / "finetune")}
 
