@@ -23,6 +23,8 @@ from pathlib import Path
 
 import yaml
 
+from bertpre.dataformat import PreparedData
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Google's recipe as in the BERT paper and bertpre's configs before the study: post-LN, dropout 0.1,
@@ -41,6 +43,10 @@ ARMS = {
                ["--model.config.norm_placement", "pre", "--model.learning_rate", "2e-3",
                 "--model.config.hidden_dropout", "0", "--model.config.attention_dropout", "0"]),
     "recommended-mask15": ("the config as shipped with 15% masking", ["--data.mlm_probability", "0.15"]),
+    "sinusoidal": ("the config as shipped, positions initialised as the Transformer's sin/cos table",
+                   ["--model.config.position_init", "sinusoidal"]),
+    "batch64": ("the config as shipped with batch 64 (for data at seq 64: the same tokens a step)",
+                ["--data.batch_size", "64"]),
 }
 
 
@@ -62,7 +68,7 @@ def run_arm(name: str, config: Path, data: Path, minutes: float, batch_size: int
         sys.exit(f"recipe_study: arm {name} failed: {done.stderr.strip().splitlines()[-1:]}")
     versions = sorted((run / "logs").glob("version_*"), key=lambda p: int(p.name.split("_")[1]))
     rows = list(csv.DictReader((versions[-1] / "metrics.csv").open()))
-    seq = json.loads((data / "prepare.json").read_text())["max_seq_length"]
+    seq = PreparedData(data).max_seq_length
     resolved = yaml.safe_load((versions[-1] / "config.yaml").read_text())
     batch_size = resolved["data"]["batch_size"]
     curve = [{"step": int(r["step"]) + 1, "mlm_accuracy": float(r["val/mlm_accuracy"]),
@@ -100,22 +106,25 @@ def table(results: list[dict]) -> str:
 
 
 def plot(results: list[dict], path: Path) -> None:
+    """Accuracy and context gain against tokens (top) and against wall-clock minutes (bottom)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (accuracy, gain) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for r in results:
-        tokens = [p["tokens"] / 1e6 for p in r["curve"]]
-        accuracy.plot(tokens, [p["mlm_accuracy"] for p in r["curve"]], marker=".", label=r["arm"])
-        gain.plot(tokens, [p["context_gain"] for p in r["curve"]], marker=".", label=r["arm"])
-    if results and results[0]["curve"]:
-        accuracy.axhline(results[0]["curve"][-1]["majority"], color="grey", linestyle=":",
-                         label="most frequent token")
-    accuracy.set(title="validation MLM accuracy", xlabel="tokens (M sequence slots)", ylabel="accuracy")
-    gain.set(title="context gain (real minus random context)", xlabel="tokens (M sequence slots)", ylabel="gain")
-    accuracy.legend()
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for row, (x, label) in enumerate((("tokens", "tokens (M sequence slots)"), ("minutes", "wall-clock minutes"))):
+        accuracy, gain = axes[row]
+        for r in results:
+            xs = [p[x] / (1e6 if x == "tokens" else 1) for p in r["curve"]]
+            accuracy.plot(xs, [p["mlm_accuracy"] for p in r["curve"]], marker=".", label=r["arm"])
+            gain.plot(xs, [p["context_gain"] for p in r["curve"]], marker=".", label=r["arm"])
+        if results and results[0]["curve"]:
+            accuracy.axhline(results[0]["curve"][-1]["majority"], color="grey", linestyle=":",
+                             label="most frequent token")
+        accuracy.set(title="validation MLM accuracy", xlabel=label, ylabel="accuracy")
+        gain.set(title="context gain (real minus random context)", xlabel=label, ylabel="gain")
+        accuracy.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
