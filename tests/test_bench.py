@@ -1,8 +1,11 @@
+import pytest
+
 from bertpre.bench import BenchOptions, format_result, run_bench
 from bertpre.model import BertConfig
 from bertpre.throughput import model_flops_per_token
 
 
+@pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
 def test_bench_times_both_frameworks_and_reports_ratio_memory_and_mfu():
     result = run_bench(BenchOptions("bert-tiny", batch_size=4, seq_length=32, vocab_size=3000, steps=2, warmup=1))
     ours, theirs = result["frameworks"]["bertpre"], result["frameworks"]["transformers"]

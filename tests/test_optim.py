@@ -114,6 +114,7 @@ def test_the_time_schedule_follows_the_share_of_the_budget_used():
     assert values == pytest.approx({0.05: 0.5, 0.1: 1.0, 0.55: 0.5, 1.0: 0.0, 1.2: 0.0}, abs=1e-12)
 
 
+@pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
 def test_a_time_budget_run_ends_its_schedule_within_the_budget(sample_prepared, tmp_path, capsys):
     """--trainer.max_time with a huge max_steps used to keep the max_steps schedule (still warming
     up when time ran out); with model.schedule_by time the LR has decayed to near 0 at the end."""

@@ -323,6 +323,7 @@ def _peak_rss_mb(argv: list[str]) -> float:
     return float(done.stdout.rsplit("PEAK", 1)[1])
 
 
+@pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
 def test_a_10_mb_line_is_read_without_a_memory_blowup(sample_prepared, tmp_path):
     words = (SAMPLE / sorted(os.listdir(SAMPLE))[0]).read_text(encoding="utf-8").split()
     line = " ".join(words * (10_000_000 // len(" ".join(words)) + 1))[:10_000_000]
@@ -371,6 +372,7 @@ def test_bad_scale_options_are_refused(tmp_path):
         PrepareOptions(inputs=["x"], output=tmp_path, tokenizer_sample_mb=0)
 
 
+@pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
 def test_the_prepare_benchmark_runs(tmp_path):
     done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "bench_prepare.py"), "--corpus", str(SAMPLE),
                            "--repeat", "2", "--num-proc", "1", "--vocab-size", "1000", "--json",
