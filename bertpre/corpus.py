@@ -92,11 +92,12 @@ class CorpusCounts:
         return CorpusCounts(**{f.name: getattr(self, f.name) for f in fields(CorpusCounts)})
 
     def __add__(self, other: CorpusCounts) -> CorpusCounts:
-        mine, theirs = self.counts(), other.counts()
-        return CorpusCounts(mine.files + theirs.files, mine.input_bytes + theirs.input_bytes,
-                            mine.documents + theirs.documents, mine.invalid_utf8_bytes + theirs.invalid_utf8_bytes,
-                            {**mine.invalid_utf8_by_file, **theirs.invalid_utf8_by_file},
-                            mine.skipped_files + theirs.skipped_files)
+        """Counts and lists add up, per-file maps merge."""
+        added = {}
+        for f in fields(CorpusCounts):
+            mine, theirs = getattr(self, f.name), getattr(other, f.name)
+            added[f.name] = {**mine, **theirs} if isinstance(mine, dict) else mine + theirs
+        return CorpusCounts(**added)
 
 
 @dataclass

@@ -152,7 +152,6 @@ class PrepareRecord:
     splits: dict[str, SplitStats]
     seconds: float = 0.0
     combined_from: list[str] = field(default_factory=list)
-    schema_version: int = SCHEMA_VERSION
     bertpre_version: str = bertpre.__version__
 
     @classmethod
@@ -176,7 +175,7 @@ class PrepareRecord:
                        corpus=CorpusCounts(**{f.name: data["corpus"][f.name] for f in fields(CorpusCounts)}),
                        splits={name: SplitStats(**splits[name]) for name in SPLITS},
                        seconds=data.get("seconds", 0.0), combined_from=data.get("combined_from", []),
-                       schema_version=SCHEMA_VERSION, bertpre_version=data["bertpre_version"])
+                       bertpre_version=data["bertpre_version"])
         except (KeyError, TypeError, AttributeError) as e:
             raise UserError(f"{source}: not a complete prepare record ({type(e).__name__}: {e})") from None
 
@@ -192,7 +191,7 @@ class PrepareRecord:
         return cls.from_json(data, label or str(path))
 
     def to_json(self) -> dict:
-        return {"schema_version": self.schema_version, "bertpre_version": self.bertpre_version,
+        return {"schema_version": SCHEMA_VERSION, "bertpre_version": self.bertpre_version,
                 "seconds": self.seconds, "options": self.options, "tokenizer": self.tokenizer,
                 "corpus": asdict(self.corpus), "splits": {name: asdict(s) for name, s in self.splits.items()},
                 **({"combined_from": self.combined_from} if self.combined_from else {})}

@@ -53,13 +53,18 @@ _HF_TO_LAYER = {hf: ours for ours, hf in LAYER_NAMES.items()}
 _HF_TO_GLOBAL = {hf: ours for ours, hf in GLOBAL_NAMES.items()}
 
 
-def to_hf_name(name: str) -> str:
-    if name in GLOBAL_NAMES:
-        return GLOBAL_NAMES[name]
+def _renamed(name: str, global_names: dict[str, str], layer_names: dict[str, str], encoder: str) -> str:
+    """bertpre's parameter name under one of the transformers name maps."""
+    if name in global_names:
+        return global_names[name]
     m = _OURS_LAYER.fullmatch(name)
-    if m is None or m.group(2) not in LAYER_NAMES:
-        raise KeyError(f"no HuggingFace name for parameter {name!r}")
-    return f"bert.encoder.layer.{m.group(1)}.{LAYER_NAMES[m.group(2)]}.{m.group(3)}"
+    if m is None or m.group(2) not in layer_names:
+        raise KeyError(f"no transformers name under {encoder} for parameter {name!r}")
+    return f"{encoder}.layer.{m.group(1)}.{layer_names[m.group(2)]}.{m.group(3)}"
+
+
+def to_hf_name(name: str) -> str:
+    return _renamed(name, GLOBAL_NAMES, LAYER_NAMES, "bert.encoder")
 
 
 def from_hf_name(name: str) -> str:
@@ -140,15 +145,8 @@ PRE_LN_NOT_EXPORTED = ("pooler.weight", "pooler.bias", "nsp.weight", "nsp.bias")
 
 def to_pre_ln_hf_state_dict(state_dict: dict[str, Tensor], pad_token_id: int) -> dict[str, Tensor]:
     """A pre-LN model's weights under RobertaPreLayerNormForMaskedLM's names (decoder tied, not listed)."""
-    hf = {}
-    for name, tensor in state_dict.items():
-        m = _OURS_LAYER.fullmatch(name)
-        if m is not None and m.group(2) in PRE_LN_LAYER_NAMES:
-            hf[f"{PRE_LN}.encoder.layer.{m.group(1)}.{PRE_LN_LAYER_NAMES[m.group(2)]}.{m.group(3)}"] = tensor
-        elif name in PRE_LN_GLOBAL_NAMES:
-            hf[PRE_LN_GLOBAL_NAMES[name]] = tensor
-        elif name not in PRE_LN_NOT_EXPORTED:
-            raise KeyError(f"no RoBERTa-PreLayerNorm name for parameter {name!r}")
+    hf = {_renamed(name, PRE_LN_GLOBAL_NAMES, PRE_LN_LAYER_NAMES, f"{PRE_LN}.encoder"): tensor
+          for name, tensor in state_dict.items() if name not in PRE_LN_NOT_EXPORTED}
     positions = hf[PRE_LN_GLOBAL_NAMES["embeddings.position.weight"]]  # (P, H)
     unused = positions.new_zeros(pad_token_id + 1, positions.shape[1])  # ids 0..pad: never a real token's position
     hf[PRE_LN_GLOBAL_NAMES["embeddings.position.weight"]] = torch.cat([unused, positions])  # (pad + 1 + P, H)

@@ -43,10 +43,6 @@ ARMS = {
                ["--model.config.norm_placement", "pre", "--model.learning_rate", "2e-3",
                 "--model.config.hidden_dropout", "0", "--model.config.attention_dropout", "0"]),
     "recommended-mask15": ("the config as shipped with 15% masking", ["--data.mlm_probability", "0.15"]),
-    "sinusoidal": ("the config as shipped, positions initialised as the Transformer's sin/cos table",
-                   ["--model.config.position_init", "sinusoidal"]),
-    "batch64": ("the config as shipped with batch 64 (for data at seq 64: the same tokens a step)",
-                ["--data.batch_size", "64"]),
 }
 
 
