@@ -25,6 +25,8 @@ STEPS = 100
 
 def write_config(tmp_path: Path, data: Path, run: Path, steps: int = STEPS, workers: int = 2, **model) -> Path:
     config = yaml.safe_load((ROOT / "configs" / "bert-tiny.yaml").read_text())
+    # with dropout on, an exact resume also has to restore the dropout generator
+    config["model"]["config"].update(hidden_dropout=0.1, attention_dropout=0.1)
     config["model"].update(model)
     config["data"].update(path=str(data), batch_size=8, num_workers=workers)
     config["trainer"].update(default_root_dir=str(run), max_steps=steps, log_every_n_steps=1, val_check_interval=25,
