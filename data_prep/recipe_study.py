@@ -43,6 +43,8 @@ ARMS = {
                ["--model.config.norm_placement", "pre", "--model.learning_rate", "2e-3",
                 "--model.config.hidden_dropout", "0", "--model.config.attention_dropout", "0"]),
     "recommended-mask15": ("the config as shipped with 15% masking", ["--data.mlm_probability", "0.15"]),
+    "learned-positions": ("the config as shipped with BERT's learned positions from N(0, 0.02)",
+                          ["--model.config.position_init", "normal"]),
 }
 
 
@@ -75,7 +77,8 @@ def run_arm(name: str, config: Path, data: Path, minutes: float, batch_size: int
     for point in curve:
         point["tokens"] = point["step"] * batch_size * seq  # sequence slots, padding included
         point["minutes"] = minutes * point["step"] / max(steps, 1)  # steps run at an even pace over the budget
-    return {"arm": name, "what": ARMS[name][0], "steps": steps, "batch_size": batch_size,
+    return {"arm": name, "what": ARMS[name][0], "data": str(data), "max_seq_length": seq, "steps": steps,
+            "batch_size": batch_size,
             "precision": done.stdout.split("precision ", 1)[1].split()[0] if "precision " in done.stdout else
             str(resolved["trainer"].get("precision")), "wall_seconds": round(wall, 1), "curve": curve}
 

@@ -21,3 +21,25 @@ def test_the_recipe_study_runs_an_arm_end_to_end(sample_prepared, tmp_path):
     curve = results[0]["curve"]
     assert curve and all(-1 <= p["context_gain"] <= 1 and 0 <= p["mlm_accuracy"] <= 1 for p in curve)
     assert (out / "table.md").read_text().count("\n") == 3 and (out / "curves.png").stat().st_size > 10_000
+
+
+def test_the_neighbour_baseline_counts_what_neighbours_tell(sample_prepared):
+    """On real prose the two neighbours of a token predict it far better than its frequency; the
+    unigram figure is the share of the most frequent train token among the sampled validation tokens."""
+    sys.path.insert(0, str(ROOT / "data_prep"))
+    from neighbour_baseline import neighbour_baseline
+
+    from bertpre.dataformat import PreparedData
+    from bertpre.tokenizer import special_ids
+
+    r = neighbour_baseline(sample_prepared)
+    prepared = PreparedData(sample_prepared)
+    special = set(special_ids(prepared.tokenizer).all)
+    splits = prepared.load_dataset()
+    train = [t for ids in splits["train"]["input_ids"] for t in ids if t not in special]
+    top = max(set(train), key=train.count)
+    val = [t for ids in splits["validation"]["input_ids"] for t in ids if t not in special]
+    share = val.count(top) / len(val)
+    assert r["positions"] > 1000
+    assert abs(r["unigram"] - share) < 4 * (share * (1 - share) / r["positions"]) ** 0.5, (r, share)
+    assert r["left+right"] > r["left"] + 0.03 and r["left"] > 2 * r["unigram"], r
