@@ -88,19 +88,31 @@ def reached(curve: list[dict], accuracy: float) -> str:
     return f"{point['tokens'] / 1e6:.1f}M / {point['minutes']:.1f} min" if point else "not reached"
 
 
+def google_final(results: list[dict], data: str | None) -> float | None:
+    """The final val MLM accuracy of Google's arm trained on ``data``, the mark each arm on that data is timed to."""
+    google = next((r for r in results if r["arm"] == "google" and r["curve"] and r.get("data") == data), None)
+    return google["curve"][-1]["mlm_accuracy"] if google else None
+
+
+def arm_label(r: dict, results: list[dict]) -> str:
+    """The arm's name, with its sequence length when the study holds arms on several prepared folders."""
+    several = len({x.get("data") for x in results}) > 1
+    return f"{r['arm']} (seq {r.get('max_seq_length', '?')})" if several else r["arm"]
+
+
 def table(results: list[dict]) -> str:
-    google = next((r for r in results if r["arm"] == "google" and r["curve"]), None)
-    target = google["curve"][-1]["mlm_accuracy"] if google else None
-    lines = ["| arm | recipe | steps x batch | final val MLM acc | final context gain | best gain | to 0.25 | to 0.30 "
-             f"| to google's final{f' ({target:.4f})' if target else ''} |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| arm | recipe | data | steps x batch | final val MLM acc | final context gain | best gain | to 0.25 "
+             "| to 0.30 | to google's final on the same data |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
         last = r["curve"][-1] if r["curve"] else {"mlm_accuracy": float("nan"), "context_gain": float("nan")}
         best = max((p["context_gain"] for p in r["curve"]), default=float("nan"))
-        lines.append(f"| {r['arm']} | {r['what']} | {r['steps']} x {r.get('batch_size', '?')} | "
+        target = google_final(results, r.get("data"))
+        lines.append(f"| {r['arm']} | {r['what']} | {r.get('data', '?')} (seq {r.get('max_seq_length', '?')}) | "
+                     f"{r['steps']} x {r.get('batch_size', '?')} | "
                      f"{last['mlm_accuracy']:.4f} | {last['context_gain']:.4f} | {best:.4f} | "
                      f"{reached(r['curve'], 0.25)} | {reached(r['curve'], 0.30)} | "
-                     f"{reached(r['curve'], target) if target else '-'} |")
+                     f"{f'{target:.4f}: ' + reached(r['curve'], target) if target else '-'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -116,8 +128,8 @@ def plot(results: list[dict], path: Path) -> None:
         accuracy, gain = axes[row]
         for r in results:
             xs = [p[x] / (1e6 if x == "tokens" else 1) for p in r["curve"]]
-            accuracy.plot(xs, [p["mlm_accuracy"] for p in r["curve"]], marker=".", label=r["arm"])
-            gain.plot(xs, [p["context_gain"] for p in r["curve"]], marker=".", label=r["arm"])
+            accuracy.plot(xs, [p["mlm_accuracy"] for p in r["curve"]], marker=".", label=arm_label(r, results))
+            gain.plot(xs, [p["context_gain"] for p in r["curve"]], marker=".", label=arm_label(r, results))
         if results and results[0]["curve"]:
             accuracy.axhline(results[0]["curve"][-1]["majority"], color="grey", linestyle=":",
                              label="most frequent token")
@@ -141,7 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--output", type=Path, required=True, help="folder for table.md, curves.png, results.json")
     p.add_argument("--runs", type=Path, default=Path("runs/recipe-study"), help="run folders (checkpoints, logs)")
     p.add_argument("--append", action="store_true",
-                   help="keep the other arms already in --output/results.json (an arm run again replaces its entry)")
+                   help="keep the other arms already in --output/results.json (an arm run again on the same "
+                        "--data replaces its entry; on other data it is added)")
     args = p.parse_args(argv)
     if not (args.data / "prepare.json").is_file():
         sys.exit(f"recipe_study: --data {args.data}: not a folder written by `bertpre prepare`")
@@ -150,7 +163,8 @@ def main(argv: list[str] | None = None) -> None:
     args.output.mkdir(parents=True, exist_ok=True)
     results = []
     if args.append and (args.output / "results.json").is_file():
-        results = [r for r in json.loads((args.output / "results.json").read_text()) if r["arm"] not in args.arms]
+        results = [r for r in json.loads((args.output / "results.json").read_text())
+                   if not (r["arm"] in args.arms and r.get("data") == str(args.data))]
     for name in args.arms:
         results.append(run_arm(name, args.config, args.data, args.minutes, args.batch_size, args.val_every,
                                args.val_batches, args.runs))

@@ -43,3 +43,23 @@ def test_the_neighbour_baseline_counts_what_neighbours_tell(sample_prepared):
     assert r["positions"] > 1000
     assert abs(r["unigram"] - share) < 4 * (share * (1 - share) / r["positions"]) ** 0.5, (r, share)
     assert r["left+right"] > r["left"] + 0.03 and r["left"] > 2 * r["unigram"], r
+
+
+def test_each_arm_is_timed_to_googles_final_accuracy_on_its_own_data():
+    """A study holding arms on two prepared folders times every arm to the final accuracy of
+    Google's arm on the same folder, never on the other one."""
+    sys.path.insert(0, str(ROOT / "data_prep"))
+    from recipe_study import table
+
+    def arm(name, data, accuracies):
+        curve = [{"step": 100 * (i + 1), "tokens": 1e6 * (i + 1), "minutes": 10.0 * (i + 1), "mlm_accuracy": a,
+                  "context_gain": 0.0, "majority": 0.06} for i, a in enumerate(accuracies)]
+        return {"arm": name, "what": name, "data": data, "max_seq_length": 64 if data.endswith("64") else 128,
+                "steps": 100 * len(accuracies), "batch_size": 64, "curve": curve}
+
+    rows = table([arm("recommended", "out/c-64", [0.12, 0.15, 0.2]), arm("google", "out/c", [0.1, 0.13, 0.16]),
+                  arm("google", "out/c-64", [0.1, 0.11, 0.14]), arm("previous", "out/c", [0.14, 0.17, 0.18])])
+    recommended, google, google64, previous = rows.splitlines()[2:]
+    assert recommended.endswith("| 0.1400: 2.0M / 20.0 min |") and "out/c-64 (seq 64)" in recommended
+    assert previous.endswith("| 0.1600: 2.0M / 20.0 min |") and "out/c (seq 128)" in previous
+    assert google.endswith("| 0.1600: 3.0M / 30.0 min |") and google64.endswith("| 0.1400: 3.0M / 30.0 min |")
