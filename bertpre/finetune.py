@@ -246,6 +246,7 @@ class ClassifierModule(L.LightningModule):
         self,
         pretrained: str,
         random_init: bool = False,
+        reinit_pooler: bool = False,
         learning_rate: float | None = None,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
@@ -257,6 +258,10 @@ class ClassifierModule(L.LightningModule):
         Args:
             pretrained: a bertpre checkpoint (.ckpt) or an exported / HuggingFace BERT directory
             random_init: same architecture and tokenizer, BERT's random initialisation instead of the weights
+            reinit_pooler: start the pooler (the dense layer on [CLS] that pretraining trained for NSP)
+                from BERT's random initialisation, keep the rest (Zhang et al. 2021, "Revisiting
+                Few-sample BERT Fine-tuning"); drawn from a copy of the random state, so everything
+                else in the run draws the same numbers as without it
             learning_rate: peak learning rate; unset: by the encoder's size (see ``learning_rate_for``)
             weight_decay: AdamW weight decay (not on biases and LayerNorm)
             warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
@@ -270,6 +275,9 @@ class ClassifierModule(L.LightningModule):
         encoder, self.tokenizer = load_pretrained(pretrained)
         if random_init:
             encoder = BertForPretraining.randomly_initialised(encoder.config)
+        elif reinit_pooler:
+            with torch.random.fork_rng(devices=[]):
+                encoder.reset_pooler()
         self.encoder: BertForPretraining | None = encoder.train()  # until use_labels puts the head on it
         self.model: BertForSequenceClassification | None = None
         self.labels: list[str] | None = None

@@ -219,6 +219,10 @@ class BertForPretraining(nn.Module):
             selected = hidden if predict is None else hidden[predict]  # (B, T, H) or (P, H)
         return self.mlm_logits(selected), self.nsp(self.pool(hidden))
 
+    def reset_pooler(self) -> None:
+        """BERT's random initialisation for the pooler alone (its weights were trained for NSP)."""
+        self._init_weights(self.pooler)
+
     @classmethod
     def randomly_initialised(cls, config: BertConfig, seed: int = 0) -> BertForPretraining:
         """BERT's random initialisation from a fixed seed: the baseline that shows what

@@ -31,7 +31,8 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
             "--data.max_train_examples", str(args.examples), "--data.subset_seed", str(seed),
             "--trainer.max_epochs", str(args.epochs), "--model.learning_rate", str(learning_rate),
             "--trainer.default_root_dir", str(run), "--overwrite", "true", "--trainer.enable_progress_bar", "false",
-            "--seed_everything", str(seed)]
+            "--seed_everything", str(seed),
+            *(["--model.reinit_pooler", "true"] if args.reinit_pooler and not random_init else [])]
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
     if done.returncode != 0:
@@ -46,7 +47,8 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
 
 def table(results: list[dict], args) -> str:
     lines = [f"SST-2 dev accuracy (872 sentences; one standard error is about 1.5 points near 0.70) after "
-             f"{args.epochs} epochs on {args.examples} training sentences, from `{args.checkpoint}` or the same "
+             f"{args.epochs} epochs on {args.examples} training sentences, from `{args.checkpoint}`"
+             f"{' (pooler re-initialised)' if args.reinit_pooler else ''} or the same "
              "architecture at random initialisation; final epoch (best epoch in brackets).", "",
              "| lr | subset seed | pretrained | random init | difference |", "|---|---|---|---|---|"]
     for lr in sorted({r["learning_rate"] for r in results}):
@@ -78,21 +80,80 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--learning-rates", type=float, nargs="+", default=[1e-4],
                    help="fine-tuning learning rates; every one runs every seed, pretrained and from random init")
     p.add_argument("--runs", type=Path, default=Path("runs/transfer-study"))
+    p.add_argument("--random-from", type=Path, default=None, metavar="RESULTS_JSON",
+                   help="take the random-init runs from an earlier study's results.json (same subsets, epochs and "
+                        "architecture) instead of running them again")
+    p.add_argument("--reinit-pooler", action="store_true",
+                   help="the pretrained runs start their pooler from random weights (model.reinit_pooler)")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the runs already in --output's results.json (same checkpoint and options) and run "
+                        "only the missing ones")
     args = p.parse_args(argv)
     if not args.checkpoint.is_file():
         sys.exit(f"transfer_study: {args.checkpoint}: not found")
+    options = {k: str(v) for k, v in vars(args).items()}
+    kept = previous_runs(args.output / "results.json", options, ("checkpoint", "reinit_pooler")) if args.resume else []
+    borrowed = ([r for r in previous_runs(args.random_from, options, ()) if r["random_init"]]
+                if args.random_from else [])
+    if borrowed:
+        same_start(args.checkpoint, Path(json.loads(args.random_from.read_text())["checkpoint"]))
     args.output.mkdir(parents=True, exist_ok=True)
-    results = []
-    for learning_rate in args.learning_rates:
-        for seed in args.seeds:
-            for random_init in (False, True):
-                results.append(finetune(args.checkpoint, seed, random_init, learning_rate, args, args.runs))
-                print(json.dumps(results[-1]), flush=True)
-                (args.output / "results.json").write_text(json.dumps(
-                    {"checkpoint": str(args.checkpoint), "options": {k: str(v) for k, v in vars(args).items()},
-                     "runs": results}, indent=2) + "\n")
-                (args.output / "table.md").write_text(table(results, args))
+    results = list(kept)
+    for learning_rate, seed, random_init in planned(args, kept):
+        source = next((r for r in borrowed if (r["learning_rate"], r["seed"]) == (learning_rate, seed)), None)
+        if random_init and source is not None:
+            results.append({**source, "from": str(args.random_from)})
+        else:
+            results.append(finetune(args.checkpoint, seed, random_init, learning_rate, args, args.runs))
+        print(json.dumps(results[-1]), flush=True)
+        (args.output / "results.json").write_text(json.dumps(
+            {"checkpoint": str(args.checkpoint), "options": options, "runs": results}, indent=2) + "\n")
+        (args.output / "table.md").write_text(table(results, args))
     print(table(results, args))
+
+
+# options that must agree for two studies' runs to be compared, and the value of those a study
+# written before the option existed ran with
+SAME_STUDY = ("train", "dev", "examples", "epochs")
+BEFORE_THE_OPTION = {"reinit_pooler": "False"}
+
+
+def previous_runs(path: Path, options: dict, also: tuple[str, ...]) -> list[dict]:
+    """The runs recorded in an earlier study's results.json, refused when its options differ from ours."""
+    if not path.is_file():
+        if also:  # --resume with nothing to resume: start afresh
+            return []
+        sys.exit(f"transfer_study: {path}: not found")
+    earlier = json.loads(path.read_text())
+    for key in SAME_STUDY + also:
+        theirs = earlier["options"].get(key, BEFORE_THE_OPTION.get(key))
+        if theirs != options[key]:
+            sys.exit(f"transfer_study: {path} was run with {key} {theirs}, "
+                     f"this study with {options[key]}; its runs cannot be reused")
+    return earlier["runs"]
+
+
+def same_start(ours: Path, theirs: Path) -> None:
+    """Refuse to borrow random-init runs made from a checkpoint of another architecture or tokenizer:
+    a random-init run keeps both from the checkpoint it was given."""
+    from bertpre.checkpoint import CHECKPOINT_KEY, read_checkpoint
+    from bertpre.errors import UserError
+
+    try:
+        a, b = (read_checkpoint(path)[CHECKPOINT_KEY] for path in (ours, theirs))
+    except UserError as e:
+        sys.exit(f"transfer_study: --random-from: {e}")
+    for key in ("model_config", "tokenizer"):
+        if a[key] != b[key]:
+            sys.exit(f"transfer_study: --random-from: {theirs} has another {key.replace('_', ' ')} than {ours}; "
+                     "its random-init runs are not this checkpoint's")
+
+
+def planned(args, kept: list[dict]) -> list[tuple[float, int, bool]]:
+    """(learning rate, subset seed, random init) of every run this study needs and ``kept`` lacks, in order."""
+    done = {(r["learning_rate"], r["seed"], r["random_init"]) for r in kept}
+    return [(lr, seed, random_init) for lr in args.learning_rates for seed in args.seeds
+            for random_init in (False, True) if (lr, seed, random_init) not in done]
 
 
 if __name__ == "__main__":

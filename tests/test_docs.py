@@ -1,4 +1,5 @@
-"""Every `bertpre` command written in the README and docs/ parses: each option it names
+"""Every `bertpre` command written in the README and docs/ parses (lines ending in a backslash
+joined to the next, as the shell does): each option it names
 exists and takes the value given (argparse commands through their parser, train and finetune
 through LightningCLI's --print_config, which resolves the config without running anything).
 Usage synopses (with [optional] parts) are skipped; paths need not exist."""
@@ -17,14 +18,17 @@ DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "data
 def documented_commands() -> list[tuple[str, list[str]]]:
     found = []
     for path in DOCS:
-        in_code = False
+        in_code, pending = False, ""
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.startswith("```"):
-                in_code = not in_code
+                in_code, pending = not in_code, ""
                 continue
             if not in_code:
                 continue
-            line = line.split(" # ")[0].strip()
+            if line.rstrip().endswith("\\"):  # a command continued on the next line
+                pending += line.rstrip()[:-1] + " "
+                continue
+            line, pending = (pending + line).split(" # ")[0].strip(), ""
             for part in re.split(r"\s*&&\s*", line):
                 if part.startswith("bertpre ") and "[" not in part and "..." not in part:
                     found.append((f"{path.relative_to(ROOT)}: {part}", shlex.split(part)[1:]))

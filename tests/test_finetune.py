@@ -65,6 +65,26 @@ def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(pretrained
     assert trained.model.classifier.out_features == 2
 
 
+
+def test_reinit_pooler_redraws_the_pooler_alone_and_leaves_the_runs_random_stream(pretrained):
+    """The pooler starts from BERT's initialisation (std initializer_range, zero bias); every other
+    weight is the checkpoint's; the classifier head drawn afterwards is the same as without it."""
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", "max_seq_length": 64}
+    built = {}
+    for reinit in (False, True):
+        torch.manual_seed(7)
+        module = ClassifierModule(str(pretrained), reinit_pooler=reinit)
+        module.use_labels(["neg", "pos"], columns)
+        built[reinit] = module.model.state_dict()
+    std = module.model.config.initializer_range
+    kept, redrawn = built[False], built[True]
+    pooler = {"encoder.pooler.weight", "encoder.pooler.bias"}
+    assert pooler <= set(kept) and set(kept) == set(redrawn)
+    assert all(torch.equal(kept[k], redrawn[k]) for k in kept if k not in pooler)  # classifier head included
+    assert not torch.equal(kept["encoder.pooler.weight"], redrawn["encoder.pooler.weight"])
+    assert abs(redrawn["encoder.pooler.weight"].std().item() - std) < 0.1 * std
+    assert torch.count_nonzero(redrawn["encoder.pooler.bias"]) == 0
+
 def test_tables_and_sentence_pairs(tmp_path, sample_prepared):
     (tmp_path / "pairs.csv").write_text('premise,hypothesis,label\n"A man, smiling.",He is happy.,yes\n')
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"premise": "A cat.", "hypothesis": "An animal.",
