@@ -1,4 +1,4 @@
-"""Write the text of a labelled task file (TSV with a header row) as a pretraining corpus, labels dropped.
+"""Write the text of a labelled task file as a pretraining corpus, labels dropped.
 
     python data_prep/task_text.py ../shared/data/tasks/sst2/train.tsv --output out/sst2-text/train.txt
 
@@ -12,36 +12,38 @@ Use only a task's training file: text from its dev or test file would leak into 
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
+from bertpre.errors import UserError
+from bertpre.finetune import pick_column, read_table
+
 
 def task_documents(path: Path, column: str, per_document: int) -> list[list[str]]:
-    """The ``column`` of the TSV at ``path``, stripped, empty cells skipped, in groups of ``per_document``."""
-    with path.open(encoding="utf-8", newline="") as f:
-        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
-        if reader.fieldnames is None or column not in reader.fieldnames:
-            raise SystemExit(f"task_text: {path}: no column {column!r} in the header row "
-                             f"(columns: {', '.join(reader.fieldnames or [])})")
-        sentences = [" ".join(row[column].split()) for row in reader if row.get(column) and row[column].strip()]
+    """The ``column`` of a task file (read as `bertpre finetune` reads it), whitespace collapsed,
+    empty cells skipped, in groups of ``per_document``."""
+    rows = read_table(path)
+    column = pick_column(rows, column, str(path), "--column")
+    sentences = [" ".join(row[column].split()) for row in rows if row[column].strip()]
     return [sentences[i:i + per_document] for i in range(0, len(sentences), per_document)]
 
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("task_file", type=Path, help="a TSV file with a header row (e.g. SST-2's train.tsv)")
+    p.add_argument("task_file", type=Path, help="a .tsv, .csv or .jsonl task file, as `bertpre finetune` reads "
+                                                "(e.g. SST-2's train.tsv)")
     p.add_argument("--output", type=Path, required=True, help="the corpus file to write (refused if it exists)")
     p.add_argument("--column", default="sentence", help="the column holding the text")
     p.add_argument("--sentences-per-document", type=int, default=8)
     args = p.parse_args(argv)
     if args.sentences_per_document < 1:
         sys.exit("task_text: --sentences-per-document must be at least 1")
-    if not args.task_file.is_file():
-        sys.exit(f"task_text: {args.task_file}: not found")
     if args.output.exists():
         sys.exit(f"task_text: {args.output} exists; choose another --output")
-    documents = task_documents(args.task_file, args.column, args.sentences_per_document)
+    try:
+        documents = task_documents(args.task_file, args.column, args.sentences_per_document)
+    except UserError as e:
+        sys.exit(f"task_text: {e}")
     args.output.parent.mkdir(parents=True, exist_ok=True)
     partial = args.output.with_name(args.output.name + ".partial")
     partial.write_text("".join("\n".join(d) + "\n\n" for d in documents), encoding="utf-8")
