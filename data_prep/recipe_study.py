@@ -3,7 +3,8 @@
 Each arm is one `bertpre train` run of a config (bert-tiny by default) with its overrides,
 given --minutes of training time (model.schedule_by time, so every arm warms up and decays
 within its budget). From each run's metrics.csv it reads validation MLM accuracy and the
-context gain (val/mlm_context_gain) against steps and tokens, and writes a table
+context gain (val/mlm_context_gain) against steps and tokens, and from its TensorBoard log the
+wall-clock minute of each validation (validation time included, as the budget counts it), and writes a table
 (table.md), the curves (curves.png) and the raw figures (results.json) to --output.
 
     python data_prep/recipe_study.py --data out/gutenberg --minutes 8 --output docs/experiments/recipe-study
@@ -45,6 +46,8 @@ ARMS = {
     "recommended-mask15": ("the config as shipped with 15% masking", ["--data.mlm_probability", "0.15"]),
     "learned-positions": ("the config as shipped with BERT's learned positions from N(0, 0.02)",
                           ["--model.config.position_init", "normal"]),
+    "sinusoidal-positions": ("the config as shipped with sin/cos initial positions",
+                             ["--model.config.position_init", "sinusoidal"]),
 }
 
 
@@ -74,13 +77,32 @@ def run_arm(name: str, config: Path, data: Path, minutes: float, batch_size: int
               "majority": float(r["val/mlm_majority_accuracy"])}
              for r in rows if r.get("val/mlm_accuracy") and r.get("val/mlm_context_gain")]
     steps = max((int(r["step"]) + 1 for r in rows if r.get("step")), default=0)
+    clock = validation_minutes(versions[-1])
     for point in curve:
         point["tokens"] = point["step"] * batch_size * seq  # sequence slots, padding included
-        point["minutes"] = minutes * point["step"] / max(steps, 1)  # steps run at an even pace over the budget
-    return {"arm": name, "what": ARMS[name][0], "data": str(data), "max_seq_length": seq, "steps": steps,
+        # the wall clock of the validation's log entry; without one, steps at an even pace over the budget
+        point["minutes"] = clock.get(point["step"], minutes * point["step"] / max(steps, 1))
+    return {"arm": name, "what": ARMS[name][0], "data": str(data), "run": str(run), "max_seq_length": seq,
+            "steps": steps,
             "batch_size": batch_size,
             "precision": done.stdout.split("precision ", 1)[1].split()[0] if "precision " in done.stdout else
             str(resolved["trainer"].get("precision")), "wall_seconds": round(wall, 1), "curve": curve}
+
+
+def validation_minutes(log_dir: Path) -> dict[int, float]:
+    """Step -> minutes from the start of the run to the end of that step's validation, read from the
+    wall-clock times of the run's TensorBoard events (the log opens when training starts)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    files = sorted(log_dir.glob("events.out.tfevents.*"))
+    if not files:
+        return {}
+    events = EventAccumulator(str(files[0]), size_guidance={"scalars": 0})
+    events.Reload()
+    if "val/mlm_accuracy" not in events.Tags()["scalars"]:
+        return {}
+    start = events.FirstEventTimestamp()
+    return {e.step + 1: (e.wall_time - start) / 60 for e in events.Scalars("val/mlm_accuracy")}
 
 
 def reached(curve: list[dict], accuracy: float) -> str:

@@ -63,3 +63,25 @@ def test_each_arm_is_timed_to_googles_final_accuracy_on_its_own_data():
     assert recommended.endswith("| 0.1400: 2.0M / 20.0 min |") and "out/c-64 (seq 64)" in recommended
     assert previous.endswith("| 0.1600: 2.0M / 20.0 min |") and "out/c (seq 128)" in previous
     assert google.endswith("| 0.1600: 3.0M / 30.0 min |") and google64.endswith("| 0.1400: 3.0M / 30.0 min |")
+
+
+def test_validation_minutes_come_from_the_logs_wall_clock(tmp_path):
+    """Each validation is placed at the wall-clock minute its TensorBoard entry was written,
+    counted from the log's opening, keyed by the 1-based step like the curve."""
+    import time
+
+    from torch.utils.tensorboard import SummaryWriter
+
+    sys.path.insert(0, str(ROOT / "data_prep"))
+    from recipe_study import validation_minutes
+
+    assert validation_minutes(tmp_path) == {}
+    writer = SummaryWriter(str(tmp_path))
+    opened = time.time()
+    writer.add_scalar("train/loss", 7.0, 49, walltime=opened + 30)
+    writer.add_scalar("val/mlm_accuracy", 0.12, 199, walltime=opened + 150)
+    writer.add_scalar("val/mlm_accuracy", 0.25, 399, walltime=opened + 330)
+    writer.close()
+    minutes = validation_minutes(tmp_path)
+    assert sorted(minutes) == [200, 400]
+    assert abs(minutes[200] - 2.5) < 0.05 and abs(minutes[400] - 5.5) < 0.05, minutes
