@@ -4,8 +4,8 @@ Each arm is one `bertpre train` run of a config (bert-tiny by default) with its 
 given --minutes of training time (model.schedule_by time, so every arm warms up and decays
 within its budget). From each run's metrics.csv it reads validation MLM accuracy and the
 context gain (val/mlm_context_gain) against steps and tokens, and from its TensorBoard log the
-wall-clock minute of each validation (validation time included, as the budget counts it), and writes a table
-(table.md), the curves (curves.png) and the raw figures (results.json) to --output.
+wall-clock minute of each validation (validation time included, as the budget counts it). It
+writes a table (table.md), the curves (curves.png) and the raw figures (results.json) to --output.
 
     python data_prep/recipe_study.py --data out/gutenberg --minutes 8 --output docs/experiments/recipe-study
 
@@ -83,8 +83,7 @@ def run_arm(name: str, config: Path, data: Path, minutes: float, batch_size: int
         # the wall clock of the validation's log entry; without one, steps at an even pace over the budget
         point["minutes"] = clock.get(point["step"], minutes * point["step"] / max(steps, 1))
     return {"arm": name, "what": ARMS[name][0], "data": str(data), "run": str(run), "max_seq_length": seq,
-            "steps": steps,
-            "batch_size": batch_size,
+            "steps": steps, "batch_size": batch_size,
             "precision": done.stdout.split("precision ", 1)[1].split()[0] if "precision " in done.stdout else
             str(resolved["trainer"].get("precision")), "wall_seconds": round(wall, 1), "curve": curve}
 
