@@ -149,7 +149,8 @@ def load_classifier(path: str | Path) -> tuple[BertForSequenceClassification, To
     state = checkpoint["state_dict"]
     if any(k.startswith(MODEL_PREFIX) for k in state):
         state = strip_prefix(state, MODEL_PREFIX)
-    model = BertForSequenceClassification(BertForPretraining(BertConfig(**task["model_config"])), len(task["labels"]))
+    model = BertForSequenceClassification(BertForPretraining(BertConfig(**task["model_config"])), len(task["labels"]),
+                                          pooling=task.get("pooling", "cls"))  # no "pooling": written before it existed
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"checkpoint {path}: weights do not fit its classifier (missing {missing[:3]}, "

@@ -86,6 +86,10 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, overwrite
             config = hf_config(model.config, pad_token_id=pad)
     else:
         classifier, tokenizer, task = load_classifier(checkpoint_path)
+        if classifier.pooling != "cls":
+            raise UserError(f"checkpoint {checkpoint_path}: fine-tuned with model.pooling {classifier.pooling}; "
+                            "transformers' sequence classifiers read the pooled [CLS] vector, so none holds this "
+                            "model exactly (use `bertpre predict`, or fine-tune with model.pooling cls to export)")
         encoder = classifier.encoder.state_dict()
         head = classifier.classifier.state_dict()
         if pre_ln:  # RoBERTa's classification head: dense + tanh (bertpre's pooler), then out_proj

@@ -30,7 +30,7 @@ import bertpre
 from bertpre.checkpoint import TASK_KEY, load_classifier, load_pretrained
 from bertpre.errors import UserError
 from bertpre.faults import NonFiniteGuard
-from bertpre.model import BertForPretraining, BertForSequenceClassification
+from bertpre.model import BertForPretraining, BertForSequenceClassification, check_pooling
 from bertpre.optim import build_optimizer, clip_gradients
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
 from bertpre.tokenizer import special_ids
@@ -247,6 +247,7 @@ class ClassifierModule(L.LightningModule):
         pretrained: str,
         random_init: bool = False,
         reinit_pooler: bool = False,
+        pooling: str = "cls",
         learning_rate: float | None = None,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
@@ -262,6 +263,10 @@ class ClassifierModule(L.LightningModule):
                 from BERT's random initialisation, keep the rest (Zhang et al. 2021, "Revisiting
                 Few-sample BERT Fine-tuning"); drawn from a copy of the random state, so everything
                 else in the run draws the same numbers as without it
+            pooling: what the classification layer reads: "cls", BERT's pooled [CLS] vector (exports to
+                transformers' BertForSequenceClassification), or "mean", the mean of the last hidden
+                states over the real tokens (no pooler; better after a short pretraining, whose [CLS]
+                was trained only for NSP: docs/checkpoints.md; does not export)
             learning_rate: peak learning rate; unset: by the encoder's size (see ``learning_rate_for``)
             weight_decay: AdamW weight decay (not on biases and LayerNorm)
             warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
@@ -272,6 +277,9 @@ class ClassifierModule(L.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()
+        check_pooling(pooling)
+        if reinit_pooler and pooling != "cls":
+            raise UserError(f"model.reinit_pooler needs model.pooling cls (with {pooling} the pooler is not used)")
         encoder, self.tokenizer = load_pretrained(pretrained)
         if random_init:
             encoder = BertForPretraining.randomly_initialised(encoder.config)
@@ -298,7 +306,8 @@ class ClassifierModule(L.LightningModule):
         """The task's classes and input columns (given where the run is assembled): the
         classification head is made for them."""
         if self.model is None:
-            self.model = BertForSequenceClassification(self.encoder, len(labels), self.hparams.classifier_dropout)
+            self.model = BertForSequenceClassification(self.encoder, len(labels), self.hparams.classifier_dropout,
+                                                       self.hparams.pooling)
             self.encoder = None
         self.labels, self.columns = list(labels), dict(columns)
         n = len(labels)
@@ -360,6 +369,7 @@ class ClassifierModule(L.LightningModule):
             "labels": self.labels,
             "columns": self.columns,
             "classifier_dropout": self.hparams.classifier_dropout,
+            "pooling": self.hparams.pooling,
         }
 
 

@@ -244,16 +244,39 @@ def without_pretraining_heads(encoder: BertForPretraining) -> BertForPretraining
     return encoder
 
 
-class BertForSequenceClassification(nn.Module):
-    """A pretrained encoder and a linear layer on its pooled [CLS] vector, as transformers'
-    ``BertForSequenceClassification`` (``encoder.*`` is its ``bert.*``; ``classifier`` is
-    ``classifier``), so a fine-tuned model exports name for name."""
+POOLINGS = ("cls", "mean")
 
-    def __init__(self, encoder: BertForPretraining, num_labels: int, classifier_dropout: float = 0.1) -> None:
+
+def check_pooling(pooling: str) -> None:
+    if pooling not in POOLINGS:
+        raise UserError(f"model.pooling must be one of {', '.join(POOLINGS)}, got {pooling!r}")
+
+
+def mean_over_tokens(hidden: Tensor, attention_mask: Tensor | None) -> Tensor:
+    """The mean of each sequence's hidden states over its real tokens (padding left out)."""
+    if attention_mask is None:
+        return hidden.mean(1)  # (B, H)
+    weights = attention_mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    return (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, H)
+
+
+class BertForSequenceClassification(nn.Module):
+    """A pretrained encoder and a linear layer on a vector per sequence. ``pooling="cls"``: the
+    pooled [CLS] vector, as transformers' ``BertForSequenceClassification`` (``encoder.*`` is its
+    ``bert.*``; ``classifier`` is ``classifier``), so a fine-tuned model exports name for name.
+    ``pooling="mean"``: the mean of the last hidden states over the real tokens, no pooler (its
+    NSP-trained weights are dropped); no transformers class computes that, so it does not export."""
+
+    def __init__(self, encoder: BertForPretraining, num_labels: int, classifier_dropout: float = 0.1,
+                 pooling: str = "cls") -> None:
         super().__init__()
         if num_labels < 2:
             raise UserError(f"a classifier needs at least 2 labels, got {num_labels}")
+        check_pooling(pooling)
+        self.pooling = pooling
         self.encoder = without_pretraining_heads(encoder)
+        if pooling == "mean":
+            self.encoder.pooler = None  # unused (DDP needs every parameter used)
         self.config = encoder.config
         self.dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)
@@ -266,5 +289,9 @@ class BertForSequenceClassification(nn.Module):
 
     def forward(self, input_ids: Tensor, token_type_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         hidden = self.encoder.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
-        return self.classifier(self.dropout(self.encoder.pool(hidden)))  # (B, labels)
+        if self.pooling == "mean":
+            pooled = mean_over_tokens(hidden, attention_mask)  # (B, H)
+        else:
+            pooled = self.encoder.pool(hidden)  # (B, H)
+        return self.classifier(self.dropout(pooled))  # (B, labels)
 

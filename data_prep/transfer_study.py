@@ -31,7 +31,7 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
             "--data.max_train_examples", str(args.examples), "--data.subset_seed", str(seed),
             "--trainer.max_epochs", str(args.epochs), "--model.learning_rate", str(learning_rate),
             "--trainer.default_root_dir", str(run), "--overwrite", "true", "--trainer.enable_progress_bar", "false",
-            "--seed_everything", str(seed),
+            "--seed_everything", str(seed), "--model.pooling", args.pooling,
             *(["--model.reinit_pooler", "true"] if args.reinit_pooler and not random_init else [])]
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -48,7 +48,8 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
 def table(results: list[dict], args) -> str:
     lines = [f"SST-2 dev accuracy (872 sentences; one standard error is about 1.5 points near 0.70) after "
              f"{args.epochs} epochs on {args.examples} training sentences, from `{args.checkpoint}`"
-             f"{' (pooler re-initialised)' if args.reinit_pooler else ''} or the same "
+             f"{' (pooler re-initialised)' if args.reinit_pooler else ''}"
+             f"{', classifying the mean of the last hidden states' if args.pooling == 'mean' else ''} or the same "
              "architecture at random initialisation; final epoch (best epoch in brackets).", "",
              "| lr | subset seed | pretrained | random init | difference |", "|---|---|---|---|---|"]
     for lr in sorted({r["learning_rate"] for r in results}):
@@ -85,6 +86,8 @@ def main(argv: list[str] | None = None) -> None:
                         "architecture) instead of running them again")
     p.add_argument("--reinit-pooler", action="store_true",
                    help="the pretrained runs start their pooler from random weights (model.reinit_pooler)")
+    p.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+                   help="what the classifier reads, in every run of the study (model.pooling)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --output's results.json (same checkpoint and options) and run "
                         "only the missing ones")
@@ -114,8 +117,8 @@ def main(argv: list[str] | None = None) -> None:
 
 # options that must agree for two studies' runs to be compared, and the value of those a study
 # written before the option existed ran with
-SAME_STUDY = ("train", "dev", "examples", "epochs")
-BEFORE_THE_OPTION = {"reinit_pooler": "False"}
+SAME_STUDY = ("train", "dev", "examples", "epochs", "pooling")
+BEFORE_THE_OPTION = {"reinit_pooler": "False", "pooling": "cls"}
 
 
 def previous_runs(path: Path, options: dict, also: tuple[str, ...]) -> list[dict]:

@@ -85,6 +85,33 @@ def test_reinit_pooler_redraws_the_pooler_alone_and_leaves_the_runs_random_strea
     assert abs(redrawn["encoder.pooler.weight"].std().item() - std) < 0.1 * std
     assert torch.count_nonzero(redrawn["encoder.pooler.bias"]) == 0
 
+def test_mean_pooling_fine_tunes_predicts_and_is_refused_by_export(pretrained, sst2_slice, tmp_path, capsys):
+    from bertpre.checkpoint import load_classifier
+
+    run = tmp_path / "run"
+    main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained", str(pretrained),
+          "--model.pooling", "mean", "--data.train_file", str(sst2_slice / "train.tsv"), "--data.validation_file",
+          str(sst2_slice / "dev.tsv"), "--data.max_train_examples", "160", "--data.batch_size", "16",
+          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false"])
+    checkpoint = run / "checkpoints" / "last.ckpt"
+    classifier, _, task = load_classifier(checkpoint)
+    assert task["pooling"] == "mean" and classifier.pooling == "mean" and classifier.encoder.pooler is None
+    predictions = tmp_path / "pred.tsv"
+    main(["predict", "--checkpoint", str(checkpoint), "--input", str(sst2_slice / "dev.tsv"), "--output", str(predictions)])
+    assert len(predictions.read_text().splitlines()) == 201
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        main(["export", str(checkpoint), "--output", str(tmp_path / "hf")])
+    err = capsys.readouterr().err
+    assert "model.pooling mean" in err and "bertpre predict" in err and "Traceback" not in err
+    assert not (tmp_path / "hf").exists()
+    with pytest.raises(UserError, match="model.reinit_pooler needs model.pooling cls"):
+        ClassifierModule(str(pretrained), reinit_pooler=True, pooling="mean")
+    with pytest.raises(UserError, match="model.pooling must be one of cls, mean"):
+        ClassifierModule(str(pretrained), pooling="first")
+
+
 def test_tables_and_sentence_pairs(tmp_path, sample_prepared):
     (tmp_path / "pairs.csv").write_text('premise,hypothesis,label\n"A man, smiling.",He is happy.,yes\n')
     (tmp_path / "pairs.jsonl").write_text(json.dumps({"premise": "A cat.", "hypothesis": "An animal.",

@@ -8,7 +8,7 @@ from bertpre.errors import UserError
 from bertpre.hf import from_hf_state_dict, to_hf_state_dict, to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
-from bertpre.model import PRESETS, BertConfig, BertForPretraining
+from bertpre.model import PRESETS, BertConfig, BertForPretraining, BertForSequenceClassification
 from bertpre.tokenizer import load_tokenizer
 
 transformers = pytest.importorskip("transformers")
@@ -50,6 +50,25 @@ def test_padding_does_not_change_outputs():
     valid = attention_mask.bool()
     torch.testing.assert_close(mlm_padded[:, :20][valid], mlm[valid], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(nsp_padded, nsp, atol=1e-5, rtol=1e-5)
+
+
+def test_mean_pooling_classifies_the_mean_of_the_real_tokens_without_the_pooler():
+    torch.manual_seed(0)
+    encoder = BertForPretraining(CONFIG)
+    mean = BertForSequenceClassification(encoder, 3, pooling="mean").eval()
+    assert "encoder.pooler.weight" not in mean.state_dict() and "classifier.weight" in mean.state_dict()
+    input_ids, token_type_ids, attention_mask = random_batch()
+    with torch.no_grad():
+        logits = mean(input_ids, token_type_ids, attention_mask)  # (B, labels)
+        hidden = mean.encoder.encode(input_ids, token_type_ids, attention_mask)  # (B, T, H)
+        by_row = torch.stack([hidden[i, attention_mask[i].bool()].mean(0) for i in range(3)])  # (B, H)
+        pad = torch.zeros(3, 12, dtype=torch.long)
+        padded = mean(*(torch.cat([t, pad], 1) for t in (input_ids, token_type_ids, attention_mask)))
+    torch.testing.assert_close(logits, mean.classifier(by_row), atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(padded, logits, atol=1e-5, rtol=1e-5)  # padding is left out of the mean
+    assert "encoder.pooler.weight" in BertForSequenceClassification(BertForPretraining(CONFIG), 3).state_dict()
+    with pytest.raises(UserError, match="model.pooling must be one of cls, mean, got 'max'"):
+        BertForSequenceClassification(BertForPretraining(CONFIG), 3, pooling="max")
 
 
 def test_decoder_is_tied_to_word_embeddings():

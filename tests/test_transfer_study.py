@@ -50,7 +50,8 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
     from transfer_study import planned, previous_runs
 
     results = study_results(tmp_path / "results.json", "a.ckpt", [(3e-4, 0, False), (3e-4, 0, True), (3e-4, 1, False)])
-    options = {"checkpoint": "a.ckpt", "train": "t.tsv", "dev": "d.tsv", "examples": "2000", "epochs": "5"}
+    options = {"checkpoint": "a.ckpt", "train": "t.tsv", "dev": "d.tsv", "examples": "2000", "epochs": "5",
+               "pooling": "cls"}
     kept = previous_runs(results, options, ("checkpoint",))
     args = Namespace(learning_rates=[3e-4], seeds=[0, 1, 2])
     assert planned(args, kept) == [(3e-4, 1, True), (3e-4, 2, False), (3e-4, 2, True)]
@@ -66,6 +67,9 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
     assert previous_runs(results, {**options, "reinit_pooler": "False"}, ("checkpoint", "reinit_pooler")) == kept
     with pytest.raises(SystemExit, match="with reinit_pooler False"):
         previous_runs(results, {**options, "reinit_pooler": "True"}, ("checkpoint", "reinit_pooler"))
+    # ... and before --pooling, with the [CLS] vector: its random-init runs are not a mean-pooling study's
+    with pytest.raises(SystemExit, match="with pooling cls, this study with mean"):
+        previous_runs(results, {**options, "pooling": "mean"}, ())
 
 
 def test_random_init_runs_are_borrowed_only_from_the_same_architecture_and_tokenizer(sample_checkpoint, tmp_path):
