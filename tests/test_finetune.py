@@ -234,3 +234,20 @@ def test_the_default_learning_rate_follows_the_encoder_size(pretrained, capsys):
     assert ClassifierModule(str(pretrained), learning_rate=3e-4).learning_rate == 3e-4
     with pytest.raises(UserError, match="model.learning_rate must be positive, got 0"):
         ClassifierModule(str(pretrained), learning_rate=0.0)
+
+
+def test_a_classifier_saved_before_the_pooling_option_loads_with_cls_pooling(finetuned_checkpoint, tmp_path):
+    from bertpre.checkpoint import load_classifier
+
+    checkpoint = torch.load(finetuned_checkpoint, map_location="cpu", weights_only=True)
+    assert checkpoint["bertpre_task"]["pooling"] == "cls"
+    del checkpoint["bertpre_task"]["pooling"]
+    older = tmp_path / "older.ckpt"
+    torch.save(checkpoint, older)
+    now, _, _ = load_classifier(finetuned_checkpoint)
+    before, _, task = load_classifier(older)
+    assert "pooling" not in task and before.pooling == "cls"
+    ids = torch.tensor([[2, 40, 41, 42, 3]])
+    with torch.no_grad():
+        assert torch.equal(before(ids, torch.zeros_like(ids), torch.ones_like(ids)),
+                           now(ids, torch.zeros_like(ids), torch.ones_like(ids)))
