@@ -240,7 +240,9 @@ def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre export",
                                 description="Write a directory that transformers loads: a pretraining checkpoint "
                                             "as BertForPreTraining, a fine-tuning one as "
-                                            "BertForSequenceClassification with its label names.")
+                                            "BertForSequenceClassification with its label names (not one "
+                                            "fine-tuned with model.pooling mean: no transformers class "
+                                            "computes it).")
     p.add_argument("checkpoint", help="a .ckpt written by `bertpre train` or `bertpre finetune`")
     p.add_argument("--output", required=True, help="directory to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

@@ -19,6 +19,8 @@ import sys
 import time
 from pathlib import Path
 
+from bertpre.model import POOLINGS
+
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "tasks" / "sst2"
 
@@ -86,7 +88,7 @@ def main(argv: list[str] | None = None) -> None:
                         "architecture) instead of running them again")
     p.add_argument("--reinit-pooler", action="store_true",
                    help="the pretrained runs start their pooler from random weights (model.reinit_pooler)")
-    p.add_argument("--pooling", choices=("cls", "mean"), default="cls",
+    p.add_argument("--pooling", choices=POOLINGS, default="cls",
                    help="what the classifier reads, in every run of the study (model.pooling)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --output's results.json (same checkpoint and options) and run "
