@@ -3,9 +3,9 @@
 __version__ = "0.1.0"
 
 
-def load_pretrained(path):
+def load_pretrained(path, dropout=None):
     """The pretrained model and its tokenizer from a bertpre checkpoint or an exported directory
     (see bertpre.checkpoint.load_pretrained); Lightning is not imported."""
     from bertpre.checkpoint import load_pretrained as load
 
-    return load(path)
+    return load(path, dropout)

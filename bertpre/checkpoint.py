@@ -114,12 +114,15 @@ def newest_good_checkpoint(directory: Path, exclude: Path | None = None) -> Path
     return next((p for p in candidates if checkpoint_problem(p) is None), None)
 
 
-def build_model(config: dict, state: dict[str, torch.Tensor], source: str) -> BertForPretraining:
-    """A pretraining model (eval mode) from a config dict and its weights, checked to fit."""
+def build_model(config: dict, state: dict[str, torch.Tensor], source: str,
+                dropout: dict[str, float] | None = None) -> BertForPretraining:
+    """A pretraining model (eval mode) from a config dict and its weights, checked to fit;
+    ``dropout`` replaces the config's ``hidden_dropout`` / ``attention_dropout`` (not the weights)."""
     known = {f.name for f in fields(BertConfig)}
     if set(config) - known:
         raise UserError(f"{source}: model config has unknown fields {sorted(set(config) - known)}")
-    model = BertForPretraining(BertConfig(**config))
+    assert set(dropout or {}) <= {"hidden_dropout", "attention_dropout"}, dropout
+    model = BertForPretraining(BertConfig(**{**config, **(dropout or {})}))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{source}: weights do not fit a bertpre BERT (missing {missing[:3]}, unexpected "
@@ -127,18 +130,21 @@ def build_model(config: dict, state: dict[str, torch.Tensor], source: str) -> Be
     return model.eval()
 
 
-def load_pretrained(path: str | Path) -> tuple[BertForPretraining, Tokenizer]:
+def load_pretrained(path: str | Path, dropout: dict[str, float] | None = None) -> tuple[BertForPretraining, Tokenizer]:
     """The pretrained model (in eval mode) and its tokenizer, from a bertpre ``.ckpt`` or an
     exported / HuggingFace BERT directory. ``model.encode(...)`` gives hidden states (B, T, H)
-    and ``model.pool(hidden)`` the pooled [CLS] vector (B, H), for a task head of your own."""
+    and ``model.pool(hidden)`` the pooled [CLS] vector (B, H), for a task head of your own.
+    ``dropout`` ({"hidden_dropout": p, "attention_dropout": p}, either or both) replaces the
+    rates the model was pretrained with, for training it further (fine-tuning)."""
     path = Path(path)
     if path.is_dir():
         config, weights, tokenizer = read_hf_dir(path)
         state = from_hf_state_dict({k: v for k, v in weights.items() if not k.endswith("position_ids")})
-        return build_model(asdict(config), state, str(path)), tokenizer
+        return build_model(asdict(config), state, str(path), dropout), tokenizer
     checkpoint = read_checkpoint(path)
     meta = checkpoint[CHECKPOINT_KEY]
-    return build_model(meta["model_config"], model_state(checkpoint), str(path)), Tokenizer.from_str(meta["tokenizer"])
+    return (build_model(meta["model_config"], model_state(checkpoint), str(path), dropout),
+            Tokenizer.from_str(meta["tokenizer"]))
 
 
 def load_classifier(path: str | Path) -> tuple[BertForSequenceClassification, Tokenizer, dict[str, Any]]:

@@ -252,6 +252,8 @@ class ClassifierModule(L.LightningModule):
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         classifier_dropout: float = 0.1,
+        hidden_dropout: float | None = 0.1,
+        attention_dropout: float | None = 0.1,
         nonfinite: str = "skip",
         max_nonfinite_in_a_row: int = 10,
     ) -> None:
@@ -271,6 +273,10 @@ class ClassifierModule(L.LightningModule):
             weight_decay: AdamW weight decay (not on biases and LayerNorm)
             warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
             classifier_dropout: dropout before the classification layer
+            hidden_dropout: the encoder's dropout on embeddings and sublayer outputs while fine-tuning
+                (BERT's 0.1), whatever the pretraining used; null keeps the encoder's own rate (the
+                shipped CPU pretraining recipe trains without dropout: docs/checkpoints.md)
+            attention_dropout: the same for the attention probabilities
             nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or makes
                 the run "stop"
             max_nonfinite_in_a_row: with "skip", stop after this many non-finite steps in a row
@@ -280,7 +286,11 @@ class ClassifierModule(L.LightningModule):
         check_pooling(pooling)
         if reinit_pooler and pooling != "cls":
             raise UserError(f"model.reinit_pooler needs model.pooling cls (with {pooling} the pooler is not used)")
-        encoder, self.tokenizer = load_pretrained(pretrained)
+        dropout = {"hidden_dropout": hidden_dropout, "attention_dropout": attention_dropout}
+        for name, rate in dropout.items():
+            if rate is not None and not 0.0 <= rate < 1.0:
+                raise UserError(f"model.{name} must be in [0, 1) (or null: the encoder's own), got {rate}")
+        encoder, self.tokenizer = load_pretrained(pretrained, {k: v for k, v in dropout.items() if v is not None})
         if random_init:
             encoder = BertForPretraining.randomly_initialised(encoder.config)
         elif reinit_pooler:

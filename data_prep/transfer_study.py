@@ -34,6 +34,7 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
             "--trainer.max_epochs", str(args.epochs), "--model.learning_rate", str(learning_rate),
             "--trainer.default_root_dir", str(run), "--overwrite", "true", "--trainer.enable_progress_bar", "false",
             "--seed_everything", str(seed), "--model.pooling", args.pooling,
+            "--model.hidden_dropout", args.dropout, "--model.attention_dropout", args.dropout,
             *(["--model.reinit_pooler", "true"] if args.reinit_pooler and not random_init else [])]
     started = time.perf_counter()
     done = subprocess.run(argv, capture_output=True, text=True)
@@ -51,7 +52,8 @@ def table(results: list[dict], args) -> str:
     lines = [f"SST-2 dev accuracy (872 sentences; one standard error is about 1.5 points near 0.70) after "
              f"{args.epochs} epochs on {args.examples} training sentences, from `{args.checkpoint}`"
              f"{' (pooler re-initialised)' if args.reinit_pooler else ''}"
-             f"{', classifying the mean of the last hidden states' if args.pooling == 'mean' else ''} or the same "
+             f"{', classifying the mean of the last hidden states' if args.pooling == 'mean' else ''}"
+             f"{', the pretraining dropout' if args.dropout == 'null' else f', dropout {args.dropout}'} or the same "
              "architecture at random initialisation; final epoch (best epoch in brackets).", "",
              "| lr | subset seed | pretrained | random init | difference |", "|---|---|---|---|---|"]
     for lr in sorted({r["learning_rate"] for r in results}):
@@ -90,6 +92,10 @@ def main(argv: list[str] | None = None) -> None:
                    help="the pretrained runs start their pooler from random weights (model.reinit_pooler)")
     p.add_argument("--pooling", choices=POOLINGS, default="cls",
                    help="what the classifier reads, in every run of the study (model.pooling)")
+    p.add_argument("--dropout", type=dropout_rate, default="0.1",
+                   help="the encoder's dropout while fine-tuning, in every run (model.hidden_dropout and "
+                        "model.attention_dropout): a rate, or 'encoder' for the rate it was pretrained with "
+                        "(what studies before this option ran)")
     p.add_argument("--resume", action="store_true",
                    help="keep the runs already in --output's results.json (same checkpoint and options) and run "
                         "only the missing ones")
@@ -119,8 +125,21 @@ def main(argv: list[str] | None = None) -> None:
 
 # options that must agree for two studies' runs to be compared, and the value of those a study
 # written before the option existed ran with
-SAME_STUDY = ("train", "dev", "examples", "epochs", "pooling")
-BEFORE_THE_OPTION = {"reinit_pooler": "False", "pooling": "cls"}
+SAME_STUDY = ("train", "dev", "examples", "epochs", "pooling", "dropout")
+BEFORE_THE_OPTION = {"reinit_pooler": "False", "pooling": "cls", "dropout": "null"}
+
+
+def dropout_rate(value: str) -> str:
+    """--dropout as the fine-tuning command takes it: a rate in [0, 1), or 'encoder' (null)."""
+    if value == "encoder":
+        return "null"
+    try:
+        rate = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"a rate in [0, 1) or 'encoder', got {value!r}") from None
+    if not 0.0 <= rate < 1.0:
+        raise argparse.ArgumentTypeError(f"a rate in [0, 1) or 'encoder', got {value!r}")
+    return str(rate)
 
 
 def previous_runs(path: Path, options: dict, also: tuple[str, ...]) -> list[dict]:

@@ -85,6 +85,49 @@ def test_reinit_pooler_redraws_the_pooler_alone_and_leaves_the_runs_random_strea
     assert abs(redrawn["encoder.pooler.weight"].std().item() - std) < 0.1 * std
     assert torch.count_nonzero(redrawn["encoder.pooler.bias"]) == 0
 
+def test_fine_tuning_dropout_is_berts_unless_kept_from_the_encoder(pretrained, finetuned_checkpoint):
+    """The sample encoder was pretrained without dropout (bert-tiny.yaml). Fine-tuning applies BERT's
+    0.1 in every dropout of the encoder by default (random init too), with the checkpoint's weights;
+    null keeps the encoder's 0; the task record holds the rate trained with."""
+    from bertpre.checkpoint import load_classifier, load_pretrained
+
+    encoder, _ = load_pretrained(pretrained)
+    assert encoder.config.hidden_dropout == 0.0 == encoder.config.attention_dropout
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", "max_seq_length": 64}
+    built = {}
+    for name, options in (("default", {}), ("kept", {"hidden_dropout": None, "attention_dropout": None}),
+                          ("random", {"random_init": True}), ("mixed", {"attention_dropout": 0.3})):
+        torch.manual_seed(7)  # the classification layer is drawn alike
+        module = ClassifierModule(str(pretrained), classifier_dropout=0.0, **options)
+        module.use_labels(["neg", "pos"], columns)
+        built[name] = module.model
+    for name, hidden, attention in (("default", 0.1, 0.1), ("kept", 0.0, 0.0), ("random", 0.1, 0.1),
+                                    ("mixed", 0.1, 0.3)):
+        model = built[name]
+        assert (model.config.hidden_dropout, model.config.attention_dropout) == (hidden, attention), name
+        assert {m.p for m in model.encoder.modules() if isinstance(m, torch.nn.Dropout)} == {hidden}, name
+        assert {layer.attention_dropout for layer in model.encoder.layers} == {attention}, name
+    default, kept = built["default"], built["kept"]
+    assert default.state_dict().keys() == kept.state_dict().keys()
+    assert all(torch.equal(a, kept.state_dict()[k]) for k, a in default.state_dict().items())
+
+    ids = torch.randint(5, default.config.vocab_size, (4, 16))
+    types, mask = torch.zeros_like(ids), torch.ones_like(ids)
+    for model in (default, kept):
+        model.train()
+    torch.manual_seed(0)
+    with torch.no_grad():
+        assert not torch.equal(default(ids, types, mask), default(ids, types, mask)), "dropout is active"
+        assert torch.equal(kept(ids, types, mask), kept(ids, types, mask)), "no dropout when kept at 0"
+        assert torch.equal(default.eval()(ids, types, mask), kept.eval()(ids, types, mask)), "same weights"
+
+    for option, rate in (("hidden_dropout", 1.0), ("attention_dropout", -0.1)):
+        with pytest.raises(UserError, match=rf"model.{option} must be in \[0, 1\)"):
+            ClassifierModule(str(pretrained), **{option: rate})
+    _, _, task = load_classifier(finetuned_checkpoint)
+    assert task["model_config"]["hidden_dropout"] == 0.1 == task["model_config"]["attention_dropout"]
+
+
 def test_mean_pooling_fine_tunes_predicts_and_is_refused_by_export(pretrained, sst2_slice, tmp_path, capsys):
     from bertpre.checkpoint import load_classifier
 

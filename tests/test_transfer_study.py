@@ -51,7 +51,7 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
 
     results = study_results(tmp_path / "results.json", "a.ckpt", [(3e-4, 0, False), (3e-4, 0, True), (3e-4, 1, False)])
     options = {"checkpoint": "a.ckpt", "train": "t.tsv", "dev": "d.tsv", "examples": "2000", "epochs": "5",
-               "pooling": "cls"}
+               "pooling": "cls", "dropout": "null"}
     kept = previous_runs(results, options, ("checkpoint",))
     args = Namespace(learning_rates=[3e-4], seeds=[0, 1, 2])
     assert planned(args, kept) == [(3e-4, 1, True), (3e-4, 2, False), (3e-4, 2, True)]
@@ -70,6 +70,20 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
     # ... and before --pooling, with the [CLS] vector: its random-init runs are not a mean-pooling study's
     with pytest.raises(SystemExit, match="with pooling cls, this study with mean"):
         previous_runs(results, {**options, "pooling": "mean"}, ())
+    # ... and before --dropout, with the encoder's own rate ("null", as kept above): not fine-tuning at 0.1
+    with pytest.raises(SystemExit, match="with dropout null, this study with 0.1"):
+        previous_runs(results, {**options, "dropout": "0.1"}, ())
+
+
+def test_dropout_option_is_a_rate_or_the_encoders():
+    from argparse import ArgumentTypeError
+
+    from transfer_study import dropout_rate
+
+    assert dropout_rate("0.1") == "0.1" and dropout_rate("0") == "0.0" and dropout_rate("encoder") == "null"
+    for bad in ("1", "-0.1", "ten"):
+        with pytest.raises(ArgumentTypeError, match="a rate in \\[0, 1\\) or 'encoder'"):
+            dropout_rate(bad)
 
 
 def test_random_init_runs_are_borrowed_only_from_the_same_architecture_and_tokenizer(sample_checkpoint, tmp_path):
@@ -97,7 +111,7 @@ def test_the_transfer_study_borrows_random_runs_and_resumes(sample_checkpoint, t
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     options = {"checkpoint": str(sample_checkpoint), "train": str(train), "dev": str(dev), "examples": "64",
-               "epochs": "1"}
+               "epochs": "1", "dropout": "0.1"}
     (earlier / "results.json").write_text(json.dumps({"checkpoint": str(sample_checkpoint), "options": options,
                                                       "runs": [{"run": "random-lr0.0003-0", "seed": 0,
                                                                 "random_init": True, "learning_rate": 3e-4,
