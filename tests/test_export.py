@@ -110,6 +110,17 @@ def test_import_of_a_masked_lm_initialises_and_reports_the_missing_heads(exporte
     torch.testing.assert_close(model.embeddings.word.weight, reference.embeddings.word.weight)
 
 
+def test_load_pretrained_replaces_the_dropout_rates_of_a_checkpoint_and_of_a_directory(checkpoint, exported):
+    """For fine-tuning: the rates change, the weights and the outputs in eval mode do not."""
+    for source in (checkpoint, exported):
+        plain, _ = load_pretrained(source)
+        changed, _ = load_pretrained(source, {"hidden_dropout": 0.3})
+        assert plain.config.hidden_dropout == 0.0 and changed.config.hidden_dropout == 0.3, source
+        assert changed.config.attention_dropout == plain.config.attention_dropout == 0.0, source
+        assert {m.p for m in changed.modules() if isinstance(m, torch.nn.Dropout)} == {0.3}, source
+        assert all(torch.equal(a, changed.state_dict()[k]) for k, a in plain.state_dict().items()), source
+
+
 def test_load_pretrained_with_a_task_head(checkpoint):
     # The README's example, as it is there.
     model, tokenizer = load_pretrained(checkpoint)
