@@ -30,7 +30,7 @@ import bertpre
 from bertpre.checkpoint import TASK_KEY, load_classifier, load_pretrained
 from bertpre.errors import UserError
 from bertpre.faults import NonFiniteGuard
-from bertpre.model import BertForPretraining, BertForSequenceClassification, check_pooling
+from bertpre.model import BertForPretraining, BertForSequenceClassification, check_dropout, check_pooling
 from bertpre.optim import build_optimizer, clip_gradients
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
 from bertpre.tokenizer import special_ids
@@ -286,11 +286,11 @@ class ClassifierModule(L.LightningModule):
         check_pooling(pooling)
         if reinit_pooler and pooling != "cls":
             raise UserError(f"model.reinit_pooler needs model.pooling cls (with {pooling} the pooler is not used)")
-        dropout = {"hidden_dropout": hidden_dropout, "attention_dropout": attention_dropout}
-        for name, rate in dropout.items():
-            if rate is not None and not 0.0 <= rate < 1.0:
-                raise UserError(f"model.{name} must be in [0, 1) (or null: the encoder's own), got {rate}")
-        encoder, self.tokenizer = load_pretrained(pretrained, {k: v for k, v in dropout.items() if v is not None})
+        dropout = {name: rate for name, rate in (("hidden_dropout", hidden_dropout),
+                                                 ("attention_dropout", attention_dropout)) if rate is not None}
+        for name, rate in {**dropout, "classifier_dropout": classifier_dropout}.items():
+            check_dropout(f"model.{name}", rate)
+        encoder, self.tokenizer = load_pretrained(pretrained, dropout)
         if random_init:
             encoder = BertForPretraining.randomly_initialised(encoder.config)
         elif reinit_pooler:

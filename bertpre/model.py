@@ -20,6 +20,12 @@ from torch.utils.checkpoint import checkpoint
 from bertpre.errors import UserError
 
 
+def check_dropout(option: str, rate: float) -> None:
+    """A dropout rate is in [0, 1); the error names the option that set it."""
+    if not 0.0 <= rate < 1.0:
+        raise UserError(f"{option} must be in [0, 1), got {rate}")
+
+
 @dataclass(frozen=True)
 class BertConfig:
     vocab_size: int | None = None  # None: the vocabulary size of the prepared data's tokenizer
@@ -47,8 +53,7 @@ class BertConfig:
         for f in fields(self):
             value = getattr(self, f.name)
             if f.name.endswith("dropout"):
-                if not 0.0 <= value < 1.0:
-                    raise UserError(f"model.config.{f.name} must be in [0, 1), got {value}")
+                check_dropout(f"model.config.{f.name}", value)
             elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement", "position_init") and value is not None \
                     and value <= 0:
                 raise UserError(f"model.config.{f.name} must be positive, got {value}")

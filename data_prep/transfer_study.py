@@ -19,7 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from bertpre.model import POOLINGS
+from bertpre.errors import UserError
+from bertpre.model import POOLINGS, check_dropout
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "tasks" / "sst2"
@@ -134,12 +135,10 @@ def dropout_rate(value: str) -> str:
     if value == "encoder":
         return "null"
     try:
-        rate = float(value)
-    except ValueError:
+        check_dropout("--dropout", float(value))
+    except (ValueError, UserError):
         raise argparse.ArgumentTypeError(f"a rate in [0, 1) or 'encoder', got {value!r}") from None
-    if not 0.0 <= rate < 1.0:
-        raise argparse.ArgumentTypeError(f"a rate in [0, 1) or 'encoder', got {value!r}")
-    return str(rate)
+    return str(float(value))
 
 
 def previous_runs(path: Path, options: dict, also: tuple[str, ...]) -> list[dict]:

@@ -121,7 +121,7 @@ def test_fine_tuning_dropout_is_berts_unless_kept_from_the_encoder(pretrained, f
         assert torch.equal(kept(ids, types, mask), kept(ids, types, mask)), "no dropout when kept at 0"
         assert torch.equal(default.eval()(ids, types, mask), kept.eval()(ids, types, mask)), "same weights"
 
-    for option, rate in (("hidden_dropout", 1.0), ("attention_dropout", -0.1)):
+    for option, rate in (("hidden_dropout", 1.0), ("attention_dropout", -0.1), ("classifier_dropout", 1.5)):
         with pytest.raises(UserError, match=rf"model.{option} must be in \[0, 1\)"):
             ClassifierModule(str(pretrained), **{option: rate})
     _, _, task = load_classifier(finetuned_checkpoint)
