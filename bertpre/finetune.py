@@ -247,8 +247,10 @@ class ClassifierModule(L.LightningModule):
         pretrained: str,
         random_init: bool = False,
         reinit_pooler: bool = False,
+        reinit_layers: int = 0,
         pooling: str = "cls",
         learning_rate: float | None = None,
+        layer_lr_decay: float = 1.0,
         weight_decay: float = 0.01,
         warmup_fraction: float = 0.1,
         classifier_dropout: float = 0.1,
@@ -265,11 +267,18 @@ class ClassifierModule(L.LightningModule):
                 from BERT's random initialisation, keep the rest (Zhang et al. 2021, "Revisiting
                 Few-sample BERT Fine-tuning"); drawn from a copy of the random state, so everything
                 else in the run draws the same numbers as without it
+            reinit_layers: start the top N encoder layers from BERT's random initialisation as well
+                (Zhang et al. 2021: the top layers of a pretrained encoder are the most specific to
+                its pretraining task); drawn like ``reinit_pooler``, the rest is the checkpoint's
             pooling: what the classification layer reads: "cls", BERT's pooled [CLS] vector (exports to
                 transformers' BertForSequenceClassification), or "mean", the mean of the last hidden
                 states over the real tokens (no pooler; better after a short pretraining, whose [CLS]
                 was trained only for NSP: docs/checkpoints.md; does not export)
             learning_rate: peak learning rate; unset: by the encoder's size (see ``learning_rate_for``)
+            layer_lr_decay: layer-wise learning-rate decay: the classifier and pooler train at the
+                learning rate, the top encoder layer at this factor times it, each layer below at one
+                more factor, the embeddings at one more again (see ``layer_lr_scales``); 1: one rate
+                for all (BERT)
             weight_decay: AdamW weight decay (not on biases and LayerNorm)
             warmup_fraction: share of the steps spent in linear warmup (BERT: 10%)
             classifier_dropout: dropout before the classification layer
@@ -290,12 +299,19 @@ class ClassifierModule(L.LightningModule):
                                                  ("attention_dropout", attention_dropout)) if rate is not None}
         for name, rate in {**dropout, "classifier_dropout": classifier_dropout}.items():
             check_dropout(f"model.{name}", rate)
+        if not 0 < layer_lr_decay <= 1:
+            raise UserError(f"model.layer_lr_decay must be in (0, 1], got {layer_lr_decay}")
         encoder, self.tokenizer = load_pretrained(pretrained, dropout)
+        if not 0 <= reinit_layers <= encoder.config.num_layers:
+            raise UserError(f"model.reinit_layers must be between 0 and the encoder's {encoder.config.num_layers} "
+                            f"layers, got {reinit_layers}")
         if random_init:
             encoder = BertForPretraining.randomly_initialised(encoder.config)
-        elif reinit_pooler:
+        elif reinit_pooler or reinit_layers:
             with torch.random.fork_rng(devices=[]):
-                encoder.reset_pooler()
+                if reinit_pooler:
+                    encoder.reset_pooler()
+                encoder.reset_top_layers(reinit_layers)
         self.encoder: BertForPretraining | None = encoder.train()  # until use_labels puts the head on it
         self.model: BertForSequenceClassification | None = None
         self.labels: list[str] | None = None
@@ -364,8 +380,10 @@ class ClassifierModule(L.LightningModule):
             raise UserError("set trainer.max_epochs for fine-tuning (the schedule spans all epochs)")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, math.ceil(self.hparams.warmup_fraction * total))
+        decay = self.hparams.layer_lr_decay
         optimizer, scheduler = build_optimizer(self, "adamw", self.learning_rate, self.hparams.weight_decay,
-                                               (0.9, 0.999), 1e-6, warmup, total)
+                                               (0.9, 0.999), 1e-6, warmup, total,
+                                               lr_scales=layer_lr_scales(self.model, decay) if decay != 1 else None)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -381,6 +399,18 @@ class ClassifierModule(L.LightningModule):
             "classifier_dropout": self.hparams.classifier_dropout,
             "pooling": self.hparams.pooling,
         }
+
+
+def layer_lr_scales(model: BertForSequenceClassification, decay: float) -> dict[int, float]:
+    """Learning-rate factors for layer-wise decay (Howard & Ruder 2018, "discriminative
+    fine-tuning"; ELECTRA, Clark et al. 2020), by ``id`` of each encoder parameter: of L layers,
+    layer i (0 at the bottom) gets ``decay ** (L - i)``, the embeddings ``decay ** (L + 1)``; what is
+    not listed (pooler, final norm, classifier) trains at the full rate."""
+    layers = model.encoder.layers
+    scales = {id(p): decay ** (len(layers) + 1) for p in model.encoder.embeddings.parameters()}
+    for i, layer in enumerate(layers):
+        scales.update({id(p): decay ** (len(layers) - i) for p in layer.parameters()})
+    return scales
 
 
 def connect(model: ClassifierModule, data: TaskDataModule) -> None:

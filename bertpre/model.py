@@ -228,6 +228,11 @@ class BertForPretraining(nn.Module):
         """BERT's random initialisation for the pooler alone (its weights were trained for NSP)."""
         self._init_weights(self.pooler)
 
+    def reset_top_layers(self, count: int) -> None:
+        """BERT's random initialisation for the top ``count`` encoder layers (0: none)."""
+        for layer in self.layers[len(self.layers) - count:]:
+            layer.apply(self._init_weights)
+
     @classmethod
     def randomly_initialised(cls, config: BertConfig, seed: int = 0) -> BertForPretraining:
         """BERT's random initialisation from a fixed seed: the baseline that shows what

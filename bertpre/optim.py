@@ -74,21 +74,27 @@ class Lamb(Optimizer):
         return loss
 
 
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[int, float] | None = None) -> list[dict]:
     """Weight decay on matrices and embeddings; none on biases and LayerNorm parameters. A
-    parameter shared by two modules (a decoder tied to the embeddings) is listed once."""
-    decay, no_decay = [], []
+    parameter shared by two modules (a decoder tied to the embeddings) is listed once.
+
+    ``lr_scales`` (``id(parameter)`` -> factor, 1 for a parameter it lacks) splits the groups
+    further by learning-rate factor, kept in each group's ``"lr_scale"``."""
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
     seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if id(param) in seen:
                 continue
             seen.add(id(param))
-            if isinstance(module, nn.LayerNorm) or name.endswith("bias"):
-                no_decay.append(param)
-            else:
-                decay.append(param)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+            decays = not (isinstance(module, nn.LayerNorm) or name.endswith("bias"))
+            groups.setdefault((decays, lr_scales.get(id(param), 1.0)), []).append(param)
+    for decays in (True, False):  # the two plain groups always exist, in this order
+        groups.setdefault((decays, 1.0), [])
+    ordered = sorted(groups.items(), key=lambda item: (item[0][1] != 1.0, not item[0][0], -item[0][1]))
+    return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
+            for (decays, scale), params in ordered]
 
 
 SCHEDULES = ("linear", "cosine", "wsd", "constant")
@@ -162,10 +168,14 @@ def build_optimizer(
     total_steps: int,
     implementation: str = "auto",
     multiplier=None,
+    lr_scales: dict[int, float] | None = None,
 ) -> tuple[Optimizer, LambdaLR]:
     """The optimizer and its LR scheduler: ``multiplier(step)`` (default: warmup over
-    ``warmup_steps``, linear decay to 0 at ``total_steps``) times ``learning_rate``."""
-    groups = parameter_groups(model, weight_decay)
+    ``warmup_steps``, linear decay to 0 at ``total_steps``) times ``learning_rate``, times a
+    parameter's factor in ``lr_scales`` (see ``parameter_groups``)."""
+    groups = parameter_groups(model, weight_decay, lr_scales)
+    for group in groups:
+        group["lr"] = learning_rate * group["lr_scale"]
     if name == "adamw":
         kernel = adamw_implementation(implementation, next(model.parameters()).device.type)
         optimizer = AdamW(groups, lr=learning_rate, betas=betas, eps=eps, **kernel)

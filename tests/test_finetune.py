@@ -85,6 +85,55 @@ def test_reinit_pooler_redraws_the_pooler_alone_and_leaves_the_runs_random_strea
     assert abs(redrawn["encoder.pooler.weight"].std().item() - std) < 0.1 * std
     assert torch.count_nonzero(redrawn["encoder.pooler.bias"]) == 0
 
+def test_reinit_layers_redraws_the_top_layers_alone(pretrained):
+    """The top N encoder layers start from BERT's initialisation, the layers below, embeddings and
+    pooler are the checkpoint's, and the classifier head is drawn as without the option."""
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", "max_seq_length": 64}
+    built = {}
+    for count in (0, 1):
+        torch.manual_seed(7)
+        module = ClassifierModule(str(pretrained), reinit_layers=count)
+        module.use_labels(["neg", "pos"], columns)
+        built[count] = module.model.state_dict()
+    top = f"encoder.layers.{module.model.config.num_layers - 1}."
+    std = module.model.config.initializer_range
+    assert all(torch.equal(built[0][k], built[1][k]) == (not k.startswith(top)) for k in built[0]), \
+        "the top layer's tensors, and only they, differ"
+    assert abs(built[1][top + "query.weight"].std().item() - std) < 0.1 * std
+    assert torch.count_nonzero(built[1][top + "ffn_in.bias"]) == 0
+    assert torch.equal(built[1][top + "ffn_norm.weight"], torch.ones_like(built[1][top + "ffn_norm.weight"]))
+    with pytest.raises(UserError, match="model.reinit_layers must be between 0 and the encoder's 2 layers, got 3"):
+        ClassifierModule(str(pretrained), reinit_layers=3)
+
+
+def test_layer_lr_decay_lowers_the_rate_layer_by_layer(pretrained, sst2_slice, tmp_path):
+    """With decay d and L layers: classifier at the learning rate, layer i at d^(L-i) of it, the
+    embeddings at d^(L+1) (each group's peak rate, read off the optimizer after a short run; the
+    schedule scales every group alike: tests/test_optim.py)."""
+    import lightning as L
+
+    from bertpre.finetune import TaskDataModule
+    from bertpre.train import connect
+
+    module = ClassifierModule(str(pretrained), learning_rate=1e-3, layer_lr_decay=0.5, warmup_fraction=0.0)
+    data = TaskDataModule(str(sst2_slice / "train.tsv"), str(sst2_slice / "dev.tsv"),
+                          text_column=["sentence", "content"], batch_size=64)
+    trainer = L.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=0, logger=False,
+                        enable_progress_bar=False, enable_checkpointing=False, default_root_dir=tmp_path)
+    connect(module, data)
+    trainer.fit(module, data)
+    rate = {id(p): group["initial_lr"] for group in trainer.optimizers[0].param_groups for p in group["params"]}
+    model, top = module.model, module.model.config.num_layers - 1
+    head = rate[id(model.classifier.weight)]
+    assert head == 1e-3 and rate[id(model.encoder.pooler.weight)] == head
+    assert rate[id(model.encoder.layers[top].query.weight)] == pytest.approx(head * 0.5)
+    assert rate[id(model.encoder.layers[0].ffn_out.bias)] == pytest.approx(head * 0.5 ** (top + 1))
+    assert rate[id(model.embeddings.word.weight)] == pytest.approx(head * 0.5 ** (top + 2))
+    for bad in (0.0, 1.5):
+        with pytest.raises(UserError, match=f"model.layer_lr_decay must be in \\(0, 1\\], got {bad}"):
+            ClassifierModule(str(pretrained), layer_lr_decay=bad)
+
+
 def test_fine_tuning_dropout_is_berts_unless_kept_from_the_encoder(pretrained, finetuned_checkpoint):
     """The sample encoder was pretrained without dropout (bert-tiny.yaml). Fine-tuning applies BERT's
     0.1 in every dropout of the encoder by default (random init too), with the checkpoint's weights;

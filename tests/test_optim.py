@@ -69,6 +69,28 @@ def test_a_weight_tied_across_modules_is_optimised_once():
     assert len(listed) == len(set(listed)) == len(list(model.parameters()))
 
 
+def test_learning_rate_factors_split_the_groups_and_scale_each_rate():
+    """A parameter with a factor trains at learning rate x factor through warmup and decay, in its own
+    group with the right weight decay; parameters without one keep the plain two groups' rate."""
+    model = BertForPretraining(BertConfig.from_preset("bert-tiny", vocab_size=100))
+    names = {id(p): n for n, p in model.named_parameters()}
+    scales = {id(p): 0.5 for p in model.layers[0].parameters()}
+    scales.update({id(model.embeddings.word.weight): 0.25})
+    optimizer, scheduler = build_optimizer(model, "adamw", 1e-3, 0.01, (0.9, 0.999), 1e-6, 10, 100, lr_scales=scales)
+    by_name = {names[id(p)]: group for group in optimizer.param_groups for p in group["params"]}
+    assert len(by_name) == len(names), "every parameter once"
+    assert by_name["layers.0.query.weight"]["lr"] == pytest.approx(0.5e-4)  # warmup step 0: 1/10 of the rate
+    assert by_name["layers.0.query.bias"]["weight_decay"] == 0.0 and by_name["layers.0.query.weight"]["weight_decay"] == 0.01
+    assert by_name["embeddings.word.weight"]["lr"] == pytest.approx(0.25e-4)
+    assert by_name["layers.1.query.weight"]["lr"] == pytest.approx(1e-4) == by_name["embeddings.position.weight"]["lr"]
+    for _ in range(59):
+        scheduler.step()  # step 59 of warmup 10, total 100: (100 - 59) / 90 of the rate
+    assert by_name["layers.0.ffn_in.weight"]["lr"] == pytest.approx(0.5e-3 * 41 / 90)
+    assert by_name["layers.1.ffn_in.weight"]["lr"] == pytest.approx(1e-3 * 41 / 90)
+    plain = parameter_groups(model, 0.01)
+    assert [g["lr_scale"] for g in plain] == [1.0, 1.0], "without factors: BERT's two groups"
+
+
 def test_linear_warmup_then_linear_decay_to_zero():
     f = step_schedule(warmup_steps=10, total_steps=110)
     assert f(0) == pytest.approx(0.1) and f(9) == pytest.approx(1.0)
