@@ -39,6 +39,17 @@ def auto_precision(on_cuda: bool, cuda_bf16: bool = False, flags: set[str] | Non
     return "32-true", "the CPU has no AVX512-BF16 or AMX: bf16 would be emulated and slower than fp32"
 
 
+def emulated_bf16_warning(device_type: str, precision: str, flags: set[str] | None = None) -> str | None:
+    """The warning for a run asked to compute in bf16 on a CPU that only emulates it, else None."""
+    if device_type != "cpu" or "bf16" not in str(precision):
+        return None
+    flags = cpu_flags() if flags is None else flags
+    if any(f in flags for f in CPU_BF16_FLAGS):
+        return None
+    return (f"warning: trainer.precision {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
+            "many times slower than fp32 (leave trainer.precision unset, null, to choose by the hardware)")
+
+
 def resolve_precision(accelerator: str | None) -> tuple[str, str]:
     """``auto_precision`` for the accelerator a run asks for ('auto', 'cpu', 'gpu', 'cuda', ...)."""
     import torch

@@ -39,17 +39,34 @@ def model_flops_per_token(config: BertConfig, seq_length: int, predicted_fractio
     return float(encoder + attention + mlm_head)
 
 
-def measured_cpu_peak(size: int = 2048, repeats: int = 8, dtype: torch.dtype = torch.float32) -> float:
-    """Matmul FLOP/s of this CPU in ``dtype`` with torch's threads, the best of ``repeats``
-    timings: the practical peak on CPU (best-of, because a shared machine has slow moments)."""
+def time_matmul(size: int, dtype: torch.dtype) -> float:
+    """Seconds one ``size`` x ``size`` matrix product takes in ``dtype``."""
     a, b = torch.randn(size, size, dtype=dtype), torch.randn(size, size, dtype=dtype)
+    start = time.perf_counter()
     a @ b
-    best = float("inf")
+    return time.perf_counter() - start
+
+
+def measured_cpu_peak(dtype: torch.dtype = torch.float32, max_size: int = 2048, repeats: int = 8,
+                      min_seconds: float = 0.05, budget_seconds: float = 1.0) -> tuple[float, int]:
+    """(matmul FLOP/s of this CPU in ``dtype`` with torch's threads, the matrix size timed): the
+    practical peak on CPU, as the best of ``repeats`` timings (best-of, because a shared machine
+    has slow moments). The size doubles from 256 until one product takes ``min_seconds`` or
+    ``max_size`` is reached, and the repeats stop once ``budget_seconds`` are spent, so a dtype the
+    CPU only emulates (bf16 without AVX512-BF16 or AMX, about 50 s a 2048 product here) costs
+    about a second instead of minutes."""
+    size = 256
+    took = time_matmul(size, dtype)
+    while took < min_seconds and size < max_size:
+        size *= 2
+        took = time_matmul(size, dtype)
+    best, spent = took, 0.0
     for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * size**3 / best
+        if spent >= budget_seconds:
+            break
+        took = time_matmul(size, dtype)
+        best, spent = min(best, took), spent + took
+    return 2 * size**3 / best, size
 
 
 def gpu_peak(name: str, precision: str) -> tuple[float | None, str]:
@@ -72,7 +89,8 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
         return gpu_peak(torch.cuda.get_device_name(device), precision)
     if device.type == "cpu":
         dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float32
-        return measured_cpu_peak(dtype=dtype), f"best of 8 timed {dtype} 2048x2048 matmuls on this CPU"
+        peak, size = measured_cpu_peak(dtype=dtype)
+        return peak, f"best timed {dtype} {size}x{size} matmul on this CPU"
     return None, f"unknown peak for {device.type}"
 
 

@@ -34,7 +34,7 @@ from bertpre.faults import (
     check_writable,
     resolve_ckpt_path,
 )
-from bertpre.hardware import resolve_precision
+from bertpre.hardware import emulated_bf16_warning, resolve_precision
 from bertpre.pretraining import PretrainModule
 from bertpre.progress import ModelLine, StepProgressBar, quiet_lightning
 
@@ -91,6 +91,9 @@ class BertpreCLI(LightningCLI):
             if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
                 print(f"precision {precision} (trainer.precision unset: {why})", flush=True)
         trainer = super().instantiate_trainer(**kwargs)
+        warning = emulated_bf16_warning(trainer.strategy.root_device.type, str(trainer.precision))
+        if warning and trainer.is_global_zero:
+            print(warning, flush=True)
         root = Path(trainer.default_root_dir)
         if self._get(self.config, "trainer.logger") in (None, True):
             tensorboard = TensorBoardLogger(root, name="logs", default_hp_metric=False)

@@ -40,6 +40,36 @@ def test_mfu_peaks_name_the_exact_gpu_part_or_take_an_override(monkeypatch):
     assert peak_flops(torch.device("cpu"), "bf16-mixed") == (1.5e12, "1.5 TFLOP/s given")
 
 
+def test_the_cpu_peak_measurement_is_bounded_for_a_dtype_the_cpu_only_emulates(monkeypatch):
+    """A product the CPU computes fast grows the matrix to 2048 and takes the best of 8 timings; one
+    it only emulates (bf16 without AVX512-BF16; simulated here at 0.3 s for 256 x 256) stays at 256
+    and stops repeating once a second is spent, where timing 2048 x 2048 products took minutes before a run
+    could start. Timings are simulated: seconds proportional to size^3."""
+    import torch
+
+    from bertpre import throughput
+
+    timed = []
+
+    def fake(per_256):
+        def time_matmul(size, dtype):
+            timed.append(size)
+            return per_256 * (size / 256) ** 3
+        return time_matmul
+
+    monkeypatch.setattr(throughput, "time_matmul", fake(1e-4))  # fast: 2048 takes 0.05 s
+    peak, size = throughput.measured_cpu_peak(torch.float32)
+    assert size == 2048 and timed == [256, 512, 1024, 2048] + [2048] * 8
+    assert peak == pytest.approx(2 * 2048**3 / 0.0512)
+    timed.clear()
+    monkeypatch.setattr(throughput, "time_matmul", fake(0.3))  # emulated
+    peak, size = throughput.measured_cpu_peak(torch.bfloat16)
+    assert size == 256 and timed == [256] * 5, "the first product, then repeats until a second is spent"
+    assert peak == pytest.approx(2 * 256**3 / 0.3)
+    why = throughput.peak_flops(torch.device("cpu"), "bf16-mixed")[1]
+    assert why == "best timed torch.bfloat16 256x256 matmul on this CPU"
+
+
 def test_the_cuda_branch_of_the_peak_reads_the_device_name(monkeypatch):
     import torch
 

@@ -52,3 +52,25 @@ def test_the_cuda_branch_of_the_choice_runs_on_cpu(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
     assert resolve_precision("cuda")[0] == "16-mixed"
     assert resolve_precision("cpu")[0] in ("bf16-mixed", "32-true")  # asked for the CPU: never a GPU precision
+
+
+def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_prepared, tmp_path, capsys,
+                                                                        monkeypatch):
+    from conftest import ROOT
+
+    from bertpre import hardware
+    from bertpre.cli import main
+
+    assert hardware.emulated_bf16_warning("cpu", "bf16-mixed", cpu_flags(ZEN4)) is None
+    assert hardware.emulated_bf16_warning("cpu", "32-true", cpu_flags(OLD_XEON)) is None
+    assert hardware.emulated_bf16_warning("cuda", "bf16-mixed", set()) is None
+    for cpuinfo, warned in ((OLD_XEON, True), (SAPPHIRE_RAPIDS, False)):
+        monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None, text=cpuinfo: cpu_flags(text))
+        run = tmp_path / f"run-{warned}"
+        main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+              "--trainer.default_root_dir", str(run), "--trainer.max_steps", "1", "--trainer.precision",
+              "bf16-mixed", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false"])
+        out = capsys.readouterr().out
+        assert ("warning: trainer.precision bf16-mixed on a CPU without AVX512-BF16 or AMX" in out) == warned, out
+        assert (run / "checkpoints" / "last.ckpt").is_file()
