@@ -36,7 +36,7 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
             "--trainer.default_root_dir", str(run), "--overwrite", "true", "--trainer.enable_progress_bar", "false",
             "--seed_everything", str(seed), "--model.pooling", args.pooling,
             "--model.hidden_dropout", args.dropout, "--model.attention_dropout", args.dropout,
-            "--model.layer_lr_decay", str(args.layer_lr_decay),
+            *(["--model.layer_lr_decay", str(args.layer_lr_decay)] if not random_init else []),
             *(["--model.reinit_pooler", "true"] if args.reinit_pooler and not random_init else []),
             *(["--model.reinit_layers", str(args.reinit_layers)] if args.reinit_layers and not random_init else [])]
     started = time.perf_counter()
@@ -56,7 +56,7 @@ def table(results: list[dict], args) -> str:
              f"{args.epochs} epochs on {args.examples} training sentences, from `{args.checkpoint}`"
              f"{' (pooler re-initialised)' if args.reinit_pooler else ''}"
              f"{f' (top {args.reinit_layers} layers re-initialised)' if args.reinit_layers else ''}"
-             f"{f', layer-wise lr decay {args.layer_lr_decay:g}' if args.layer_lr_decay != 1 else ''}"
+             f"{f' (layer-wise lr decay {args.layer_lr_decay:g})' if args.layer_lr_decay != 1 else ''}"
              f"{', classifying the mean of the last hidden states' if args.pooling == 'mean' else ''}"
              f"{', the pretraining dropout' if args.dropout == 'null' else f', dropout {args.dropout}'} or the same "
              "architecture at random initialisation; final epoch (best epoch in brackets).", "",
@@ -98,7 +98,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reinit-layers", type=int, default=0, metavar="N",
                    help="the pretrained runs start their top N encoder layers from random weights (model.reinit_layers)")
     p.add_argument("--layer-lr-decay", type=float, default=1.0, metavar="FACTOR",
-                   help="layer-wise learning-rate decay, in every run of the study (model.layer_lr_decay; 1: none)")
+                   help="layer-wise learning-rate decay in the pretrained runs (model.layer_lr_decay; 1: none); the "
+                        "random-init runs train every layer at one rate: there are no pretrained layers to keep")
     p.add_argument("--pooling", choices=POOLINGS, default="cls",
                    help="what the classifier reads, in every run of the study (model.pooling)")
     p.add_argument("--dropout", type=dropout_rate, default="0.1",
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> None:
     if not args.checkpoint.is_file():
         sys.exit(f"transfer_study: {args.checkpoint}: not found")
     options = {k: str(v) for k, v in vars(args).items()}
-    kept = previous_runs(args.output / "results.json", options, ("checkpoint", "reinit_pooler", "reinit_layers")) if args.resume else []
+    pretrained_side = ("checkpoint", "reinit_pooler", "reinit_layers", "layer_lr_decay")
+    kept = previous_runs(args.output / "results.json", options, pretrained_side) if args.resume else []
     borrowed = ([r for r in previous_runs(args.random_from, options, ()) if r["random_init"]]
                 if args.random_from else [])
     if borrowed:
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> None:
 
 # options that must agree for two studies' runs to be compared, and the value of those a study
 # written before the option existed ran with
-SAME_STUDY = ("train", "dev", "examples", "epochs", "pooling", "dropout", "layer_lr_decay")
+SAME_STUDY = ("train", "dev", "examples", "epochs", "pooling", "dropout")
 BEFORE_THE_OPTION = {"reinit_pooler": "False", "reinit_layers": "0", "pooling": "cls", "dropout": "null",
                      "layer_lr_decay": "1.0"}
 

@@ -51,7 +51,7 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
 
     results = study_results(tmp_path / "results.json", "a.ckpt", [(3e-4, 0, False), (3e-4, 0, True), (3e-4, 1, False)])
     options = {"checkpoint": "a.ckpt", "train": "t.tsv", "dev": "d.tsv", "examples": "2000", "epochs": "5",
-               "pooling": "cls", "dropout": "null", "layer_lr_decay": "1.0"}
+               "pooling": "cls", "dropout": "null"}
     kept = previous_runs(results, options, ("checkpoint",))
     args = Namespace(learning_rates=[3e-4], seeds=[0, 1, 2])
     assert planned(args, kept) == [(3e-4, 1, True), (3e-4, 2, False), (3e-4, 2, True)]
@@ -74,9 +74,12 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
     with pytest.raises(SystemExit, match="with dropout null, this study with 0.1"):
         previous_runs(results, {**options, "dropout": "0.1"}, ())
     # ... and before --layer-lr-decay and --reinit-layers, with neither
-    assert previous_runs(results, {**options, "reinit_layers": "0"}, ("checkpoint", "reinit_layers")) == kept
+    assert previous_runs(results, {**options, "reinit_layers": "0", "layer_lr_decay": "1.0"},
+                         ("checkpoint", "reinit_layers", "layer_lr_decay")) == kept
     with pytest.raises(SystemExit, match="with layer_lr_decay 1.0, this study with 0.8"):
-        previous_runs(results, {**options, "layer_lr_decay": "0.8"}, ())
+        previous_runs(results, {**options, "layer_lr_decay": "0.8"}, ("checkpoint", "layer_lr_decay"))
+    # the pretrained side's options do not stop borrowing its random-init runs
+    assert previous_runs(results, {**options, "layer_lr_decay": "0.8", "reinit_layers": "1"}, ()) == kept
     with pytest.raises(SystemExit, match="with reinit_layers 0, this study with 1"):
         previous_runs(results, {**options, "reinit_layers": "1"}, ("checkpoint", "reinit_layers"))
 
