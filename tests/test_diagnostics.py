@@ -37,6 +37,7 @@ def test_logistic_regression_separates_what_is_separable_and_not_noise():
     assert abs(probe.logistic_regression_accuracy(x[:600], noise[:600], x[600:], noise[600:], c=0.1) - 0.5) < 0.12
 
 
+@pytest.mark.slow  # 30-60 s on this 2-core machine; in CI's slow run
 def test_linear_probe_script_reports_each_feature(sample_checkpoint, tmp_path):
     if not SST2.is_dir():
         pytest.skip("../shared/data is not present")

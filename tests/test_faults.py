@@ -245,6 +245,7 @@ def _limit_file_size(limit: int):
     return apply
 
 
+@pytest.mark.slow  # 30-60 s on this 2-core machine; in CI's slow run
 def test_a_full_disk_during_a_checkpoint_save_is_a_clear_error(sample_prepared, tmp_path):
     run = tmp_path / "run"
     config = write_config(tmp_path, sample_prepared, run, workers=0)
@@ -294,6 +295,7 @@ def test_a_pickle_that_runs_code_is_refused_everywhere(sample_prepared, tmp_path
     assert not Exploit.marker.exists(), "no code from a checkpoint ran"
 
 
+@pytest.mark.slow  # 30-60 s on this 2-core machine; in CI's slow run
 def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_path):
     import lightning as L
     from conftest import SAMPLE
