@@ -1,5 +1,6 @@
 """The MLM plateau metric: accuracy with real context minus accuracy with random context."""
 
+import pytest
 import torch
 from torch import nn
 
@@ -81,6 +82,7 @@ def test_random_context_keeps_predicted_special_and_padded_positions():
     assert ((counts - expected) ** 2 / expected).sum() < 80  # chi-square, 44 dof: p < 0.001 above 80
 
 
+@pytest.mark.slow  # 20-50 s on this 2-core machine; in CI's slow run
 def test_training_logs_the_context_gain_and_warns_once_on_the_plateau(sample_prepared, tmp_path, capsys):
     from conftest import ROOT
 

@@ -18,6 +18,7 @@ def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
                           timeout=600)
 
 
+@pytest.mark.slow  # 20-50 s on this 2-core machine; in CI's slow run
 def test_task_text_keeps_every_sentence_and_drops_the_labels(tmp_path):
     rows = SST2_TRAIN.read_text(encoding="utf-8").splitlines()[:51]  # header + 50 sentences
     task = tmp_path / "task.tsv"
