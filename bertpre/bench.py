@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from bertpre.errors import UserError
+from bertpre.hardware import emulated_bf16_warning
 from bertpre.hf import to_transformers
 from bertpre.loss import pretraining_loss
 from bertpre.masking import default_max_predictions, prediction_slots
@@ -148,6 +149,9 @@ def run_bench(options: BenchOptions) -> dict:
     if options.precision not in ("32", "bf16"):
         raise UserError(f"--precision must be 32 or bf16, got {options.precision}")
     device = options.resolved_device()
+    warning = emulated_bf16_warning(device.type, options.precision, option="--precision")
+    if warning:
+        print(warning, flush=True)
     steps = {name: _build(name, options, device)[1] for name in FRAMEWORKS}
     for name in FRAMEWORKS:
         for _ in range(options.warmup):

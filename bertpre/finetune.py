@@ -380,10 +380,9 @@ class ClassifierModule(L.LightningModule):
             raise UserError("set trainer.max_epochs for fine-tuning (the schedule spans all epochs)")
         total = max(1, int(self.trainer.estimated_stepping_batches))
         warmup = max(1, math.ceil(self.hparams.warmup_fraction * total))
-        decay = self.hparams.layer_lr_decay
         optimizer, scheduler = build_optimizer(self, "adamw", self.learning_rate, self.hparams.weight_decay,
                                                (0.9, 0.999), 1e-6, warmup, total,
-                                               lr_scales=layer_lr_scales(self.model, decay) if decay != 1 else None)
+                                               lr_scales=layer_lr_scales(self.model, self.hparams.layer_lr_decay))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
@@ -405,7 +404,8 @@ def layer_lr_scales(model: BertForSequenceClassification, decay: float) -> dict[
     """Learning-rate factors for layer-wise decay (Howard & Ruder 2018, "discriminative
     fine-tuning"; ELECTRA, Clark et al. 2020), by ``id`` of each encoder parameter: of L layers,
     layer i (0 at the bottom) gets ``decay ** (L - i)``, the embeddings ``decay ** (L + 1)``; what is
-    not listed (pooler, final norm, classifier) trains at the full rate."""
+    not listed (pooler, final norm, classifier) trains at the full rate. A decay of 1 gives every
+    factor 1: BERT's two parameter groups."""
     layers = model.encoder.layers
     scales = {id(p): decay ** (len(layers) + 1) for p in model.encoder.embeddings.parameters()}
     for i, layer in enumerate(layers):

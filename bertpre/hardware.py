@@ -25,6 +25,12 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
     return set()
 
 
+def native_bf16_flags(flags: set[str] | None = None) -> list[str]:
+    """The flags in ``flags`` (default: this CPU's) by which the CPU computes bf16 natively."""
+    flags = cpu_flags() if flags is None else flags
+    return [f for f in CPU_BF16_FLAGS if f in flags]
+
+
 def auto_precision(on_cuda: bool, cuda_bf16: bool = False, flags: set[str] | None = None) -> tuple[str, str]:
     """(precision, why) for Lightning's Trainer: bf16-mixed where the hardware computes bf16
     natively, 16-mixed on a GPU without bf16, else fp32."""
@@ -32,22 +38,20 @@ def auto_precision(on_cuda: bool, cuda_bf16: bool = False, flags: set[str] | Non
         if cuda_bf16:
             return "bf16-mixed", "the GPU computes bf16 natively"
         return "16-mixed", "the GPU has no bf16: fp16 with loss scaling"
-    flags = cpu_flags() if flags is None else flags
-    native = [f for f in CPU_BF16_FLAGS if f in flags]
+    native = native_bf16_flags(flags)
     if native:
         return "bf16-mixed", f"the CPU has {'/'.join(native)}"
     return "32-true", "the CPU has no AVX512-BF16 or AMX: bf16 would be emulated and slower than fp32"
 
 
-def emulated_bf16_warning(device_type: str, precision: str, flags: set[str] | None = None) -> str | None:
-    """The warning for a run asked to compute in bf16 on a CPU that only emulates it, else None."""
-    if device_type != "cpu" or "bf16" not in str(precision):
+def emulated_bf16_warning(device_type: str, precision: str, flags: set[str] | None = None,
+                          option: str = "trainer.precision") -> str | None:
+    """The warning for a run asked (by ``option``) to compute in bf16 on a CPU that only emulates
+    it, else None."""
+    if device_type != "cpu" or "bf16" not in str(precision) or native_bf16_flags(flags):
         return None
-    flags = cpu_flags() if flags is None else flags
-    if any(f in flags for f in CPU_BF16_FLAGS):
-        return None
-    return (f"warning: trainer.precision {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
-            "many times slower than fp32 (leave trainer.precision unset, null, to choose by the hardware)")
+    return (f"warning: {option} {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
+            "many times slower than fp32 (fp32 is the faster choice on this machine)")
 
 
 def resolve_precision(accelerator: str | None) -> tuple[str, str]:

@@ -81,7 +81,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[int,
     ``lr_scales`` (``id(parameter)`` -> factor, 1 for a parameter it lacks) splits the groups
     further by learning-rate factor, kept in each group's ``"lr_scale"``."""
     lr_scales = lr_scales or {}
-    groups: dict[tuple[bool, float], list[nn.Parameter]] = {}
+    # (decays, factor) -> parameters; the two plain groups first, always, in this order
+    groups: dict[tuple[bool, float], list[nn.Parameter]] = {(True, 1.0): [], (False, 1.0): []}
     seen: set[int] = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
@@ -90,11 +91,8 @@ def parameter_groups(model: nn.Module, weight_decay: float, lr_scales: dict[int,
             seen.add(id(param))
             decays = not (isinstance(module, nn.LayerNorm) or name.endswith("bias"))
             groups.setdefault((decays, lr_scales.get(id(param), 1.0)), []).append(param)
-    for decays in (True, False):  # the two plain groups always exist, in this order
-        groups.setdefault((decays, 1.0), [])
-    ordered = sorted(groups.items(), key=lambda item: (item[0][1] != 1.0, not item[0][0], -item[0][1]))
     return [{"params": params, "weight_decay": weight_decay if decays else 0.0, "lr_scale": scale}
-            for (decays, scale), params in ordered]
+            for (decays, scale), params in groups.items()]
 
 
 SCHEDULES = ("linear", "cosine", "wsd", "constant")

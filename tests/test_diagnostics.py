@@ -50,6 +50,7 @@ def test_linear_probe_script_reports_each_feature(sample_checkpoint, tmp_path):
     assert all(0.0 <= float(accuracy) <= 1.0 for _, accuracy in found)
 
 
+@pytest.mark.slow  # 15 s of study-script start-up on this 2-core machine; in CI's slow run
 def test_context_probe_script_reports_both_accuracies(sample_checkpoint, sample_prepared):
     out = run_script("mlm_context_probe", str(sample_checkpoint), str(sample_prepared), "--batches", "2")
     accuracies = dict(re.findall(r"MLM accuracy, (context|random context) +(\d\.\d+)   perplexity \d+", out))
@@ -86,6 +87,7 @@ def test_context_probe_refuses_data_of_another_vocabulary(sample_checkpoint, gut
         f"error: {sample_checkpoint} was trained with another vocabulary than {gutenberg_prepared}'s tokenizer")
 
 
+@pytest.mark.slow  # 15 s of study-script start-up on this 2-core machine; in CI's slow run
 def test_peer_learning_curve_starts_from_the_same_loss(sample_prepared):
     out = run_script("peer_learning_curve", str(sample_prepared), "--steps", "2", "--batch-size", "8", "--window", "1",
                      "--preset", "bert-tiny", "--precision", "32", "--warmup-steps", "1", "--schedule-steps", "2")

@@ -129,6 +129,12 @@ def test_layer_lr_decay_lowers_the_rate_layer_by_layer(pretrained, sst2_slice, t
     assert rate[id(model.encoder.layers[top].query.weight)] == pytest.approx(head * 0.5)
     assert rate[id(model.encoder.layers[0].ffn_out.bias)] == pytest.approx(head * 0.5 ** (top + 1))
     assert rate[id(model.embeddings.word.weight)] == pytest.approx(head * 0.5 ** (top + 2))
+    from bertpre.finetune import layer_lr_scales
+    from bertpre.optim import parameter_groups
+
+    plain = [[id(p) for p in g["params"]] for g in parameter_groups(model, 0.01)]
+    undecayed = [[id(p) for p in g["params"]] for g in parameter_groups(model, 0.01, layer_lr_scales(model, 1.0))]
+    assert undecayed == plain, "decay 1: BERT's two groups, parameters in the same order"
     for bad in (0.0, 1.5):
         with pytest.raises(UserError, match=f"model.layer_lr_decay must be in \\(0, 1\\], got {bad}"):
             ClassifierModule(str(pretrained), layer_lr_decay=bad)

@@ -64,6 +64,8 @@ def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_pr
     assert hardware.emulated_bf16_warning("cpu", "bf16-mixed", cpu_flags(ZEN4)) is None
     assert hardware.emulated_bf16_warning("cpu", "32-true", cpu_flags(OLD_XEON)) is None
     assert hardware.emulated_bf16_warning("cuda", "bf16-mixed", set()) is None
+    assert hardware.emulated_bf16_warning("cpu", "bf16", set(), option="--precision").startswith(
+        "warning: --precision bf16 on a CPU without AVX512-BF16 or AMX")  # bertpre bench's option
     for cpuinfo, warned in ((OLD_XEON, True), (SAPPHIRE_RAPIDS, False)):
         monkeypatch.setattr(hardware, "cpu_flags", lambda cpuinfo=None, text=cpuinfo: cpu_flags(text))
         run = tmp_path / f"run-{warned}"
