@@ -388,8 +388,8 @@ class ClassifierModule(L.LightningModule):
     def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None) -> None:
         clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm, self.trainer.precision_plugin)
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint[TASK_KEY] = {
+    def _task_metadata(self) -> dict[str, Any]:
+        return {
             "bertpre_version": bertpre.__version__,
             "model_config": asdict(self.model.config),
             "tokenizer": self.tokenizer.to_str(),
@@ -398,6 +398,20 @@ class ClassifierModule(L.LightningModule):
             "classifier_dropout": self.hparams.classifier_dropout,
             "pooling": self.hparams.pooling,
         }
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint[TASK_KEY] = self._task_metadata()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Resuming (``--ckpt_path``) continues one run: the model and task it saved must be this run's."""
+        saved = checkpoint.get(TASK_KEY)
+        if saved is None:
+            raise UserError("ckpt_path: not a bertpre fine-tuning checkpoint")
+        ours = self._task_metadata()
+        changed = sorted(k for k in ours if k != "bertpre_version" and saved.get(k) != ours[k])
+        if changed:
+            raise UserError(f"ckpt_path: the run it saved differs from this one in {', '.join(changed)}; resume with "
+                            f"the options that run was started with, or start a new run")
 
 
 def layer_lr_scales(model: BertForSequenceClassification, decay: float) -> dict[int, float]:

@@ -47,6 +47,9 @@ from bertpre.optim import (
 from bertpre.throughput import ThroughputLogger
 from bertpre.tokenizer import special_ids
 
+# what a run started from another checkpoint's weights may set anew: rates of dropout, and what only
+# draws initial weights (the loaded weights replace them)
+INIT_FROM_MAY_DIFFER = ("hidden_dropout", "attention_dropout", "initializer_range", "position_init")
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
 
 
@@ -206,17 +209,20 @@ class PretrainModule(L.LightningModule):
 
     def _load_initial_weights(self, path: str) -> None:
         checkpoint = read_checkpoint(path)
-        self._check_compatible(checkpoint[CHECKPOINT_KEY], f"model.init_from {path}")
+        self._check_compatible(checkpoint[CHECKPOINT_KEY], f"model.init_from {path}", may_differ=INIT_FROM_MAY_DIFFER)
         self.model.load_state_dict(model_state(checkpoint))
 
-    def _check_compatible(self, saved: dict[str, Any], source: str) -> None:
+    def _check_compatible(self, saved: dict[str, Any], source: str, may_differ: tuple[str, ...] = ()) -> None:
+        """The checkpoint must come from this tokenizer and this model config (``may_differ`` excepted)."""
         if saved["tokenizer_fingerprint"] != self.tokenizer_fingerprint:
             raise UserError(
                 f"vocabulary mismatch: {source} was trained with a different tokenizer than the one in "
                 f"data.path; prepare the data with `--tokenizer` pointing to the checkpoint's tokenizer"
             )
-        if saved["model_config"] != asdict(self.config):
-            changed = sorted(k for k, v in saved["model_config"].items() if asdict(self.config).get(k) != v)
+        ours = asdict(self.config)
+        theirs = saved["model_config"]
+        changed = sorted(k for k in theirs.keys() | ours.keys() if k not in may_differ and theirs.get(k) != ours.get(k))
+        if changed:
             raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
 
     def configure_callbacks(self):

@@ -60,7 +60,13 @@ class BertpreCLI(LightningCLI):
 
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the hyperparameters of ``ckpt_path`` here (tensors only); a damaged
-        or unsafe file gets bertpre's one-line error instead of a traceback."""
+        or unsafe file gets bertpre's one-line error instead of a traceback.
+
+        Lightning would also put the checkpoint's model options over those of the command line and
+        config, silently, and only for a file path (``last`` is resolved later). bertpre keeps the
+        command line's for every form: a resumed run checks that its model config is the
+        checkpoint's (``on_load_checkpoint``) and refuses naming what differs."""
+        given = self.config.clone()
         try:
             super()._parse_ckpt_path()
         except Exception:
@@ -68,6 +74,7 @@ class BertpreCLI(LightningCLI):
             check_checkpoint_file(path)
             read_checkpoint(path, key=self._checkpoint_key(), kind="bertpre")
             raise
+        self.config = given
 
     def _checkpoint_key(self) -> str:
         return CHECKPOINT_KEY if issubclass(self._model_class, PretrainModule) else TASK_KEY

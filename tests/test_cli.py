@@ -152,6 +152,38 @@ def test_checkpoint_from_another_tokenizer_is_refused(sample_prepared, tmp_path,
     assert not (tmp_path / "run2" / "logs").exists()  # a failed run leaves no empty logs/version_N
 
 
+def test_init_from_may_change_dropout_but_not_the_architecture(sample_checkpoint, sample_prepared, tmp_path, capsys):
+    """Continued pretraining may regularise anew (dropout), never change what the weights mean."""
+    import torch
+
+    from bertpre.checkpoint import model_state, read_checkpoint
+
+    base = ["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.max_steps", "1",
+            "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+            "--model.init_from", str(sample_checkpoint)]
+    run = tmp_path / "dropout"
+    main([*base, "--trainer.default_root_dir", str(run), "--model.config.hidden_dropout", "0.1",
+          "--model.config.attention_dropout", "0.1", "--model.config.initializer_range", "0.05"])
+    saved, start = read_checkpoint(run / "checkpoints" / "last.ckpt"), read_checkpoint(sample_checkpoint)
+    assert saved["bertpre"]["model_config"]["hidden_dropout"] == 0.1
+    assert start["bertpre"]["model_config"]["hidden_dropout"] == 0.0
+    after, before = model_state(saved), model_state(start)
+    # one step from the loaded weights: they moved by about one learning-rate step, not by a new draw
+    gap = max((after[k].float() - before[k].float()).abs().max().item() for k in before)
+    assert 0 < gap < 0.01, gap
+    capsys.readouterr()
+    err = cli_error(capsys, *base, "--trainer.default_root_dir", str(tmp_path / "layers"),
+                    "--model.config.num_heads", "4", "--model.config.hidden_dropout", "0.1")
+    assert err.endswith("model config differs from this run's in num_heads"), err
+    # resuming is the same run: there even the dropout must match
+    err = cli_error(capsys, "train", "--config", TINY, "--data.path", str(sample_prepared),
+                    "--trainer.default_root_dir", str(tmp_path / "resume"), "--trainer.max_steps", "12",
+                    "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
+                    "--ckpt_path", str(sample_checkpoint), "--model.config.hidden_dropout", "0.1")
+    assert "hidden_dropout" in err and "num_heads" not in err, err
+    del torch
+
+
 def test_help_and_unknown_command(capsys):
     with pytest.raises(SystemExit) as exited:
         main([])  # no command: usage on stderr and exit 2, as argparse does for a missing argument

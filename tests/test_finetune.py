@@ -44,6 +44,18 @@ def test_finetune_then_predict_on_glue_files_as_they_are(pretrained, sst2_slice,
     accuracies = [float(r["val/accuracy"]) for r in rows if r.get("val/accuracy")]
     assert len(accuracies) == 2 and all(0 <= a <= 1 for a in accuracies)
 
+    # resuming is the same run: a changed model option is refused by name, not silently taken or dropped
+    command = ["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
+               str(pretrained), "--data.train_file", str(sst2_slice / "train.tsv"), "--data.validation_file",
+               str(sst2_slice / "dev.tsv"), "--trainer.default_root_dir", str(run), "--trainer.max_epochs", "3",
+               "--trainer.enable_progress_bar", "false", "--ckpt_path"]
+    for where in ("last", str(run / "checkpoints" / "last.ckpt")):
+        with pytest.raises(SystemExit):
+            main([*command, where, "--model.pooling", "mean"])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.endswith("ckpt_path: the run it saved differs from this one in pooling; resume with the options "
+                            "that run was started with, or start a new run"), err
+
     predictions = tmp_path / "pred.tsv"
     main(["predict", "--checkpoint", str(best[0]), "--input", str(sst2_slice / "dev.tsv"), "--output", str(predictions)])
     written = list(csv.DictReader(predictions.open(), delimiter="\t", quoting=csv.QUOTE_NONE))
