@@ -61,13 +61,15 @@ def test_context_probe_script_reports_both_accuracies(sample_checkpoint, sample_
 
 
 def test_scripts_report_bad_input_in_one_line(tmp_path):
-    for name, args in (("linear_probe", (str(tmp_path / "missing.ckpt"), "train.tsv", "dev.tsv")),
-                       ("mlm_context_probe", (str(tmp_path / "missing.ckpt"), str(tmp_path)))):
-        done = subprocess.run([sys.executable, str(ROOT / "data_prep" / f"{name}.py"), *args],
-                              capture_output=True, text=True, timeout=120, check=False)
-        assert done.returncode == 1
-        assert done.stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'missing.ckpt'}: not found"
-        assert "Traceback" not in done.stderr
+    scripts = [subprocess.Popen([sys.executable, str(ROOT / "data_prep" / f"{name}.py"), *args],
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for name, args in (("linear_probe", (str(tmp_path / "missing.ckpt"), "train.tsv", "dev.tsv")),
+                                  ("mlm_context_probe", (str(tmp_path / "missing.ckpt"), str(tmp_path))))]
+    for script in scripts:  # started together: most of each one's time is importing torch
+        _, stderr = script.communicate(timeout=120)
+        assert script.returncode == 1, script.args
+        assert stderr.strip().splitlines()[-1] == f"error: checkpoint {tmp_path / 'missing.ckpt'}: not found"
+        assert "Traceback" not in stderr
 
 
 def test_context_probe_random_init_baseline_has_isotropic_embeddings(sample_checkpoint, sample_prepared):

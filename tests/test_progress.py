@@ -13,19 +13,19 @@ def test_a_step_based_run_shows_steps_and_nothing_of_lightnings_noise(sample_pre
     run = tmp_path / "run"
     done = subprocess.run(
         [sys.executable, "-m", "bertpre.cli", "train", "--config", TINY, "--data.path", str(sample_prepared),
-         "--trainer.default_root_dir", str(run), "--trainer.max_steps", "20", "--trainer.val_check_interval", "10",
-         "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "5"],
+         "--trainer.default_root_dir", str(run), "--trainer.max_steps", "6", "--trainer.val_check_interval", "3",
+         "--trainer.limit_val_batches", "2", "--trainer.log_every_n_steps", "2"],
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     output = done.stdout + done.stderr
-    assert "20/20" in output  # the bar counts optimizer steps up to max_steps
+    assert "6/6" in output  # the bar counts optimizer steps up to max_steps
     assert "Epoch" not in output and "/-2" not in output and "-2 " not in output
     assert "Total FLOPs" not in output and "ModuleDict" not in output  # no module table
     assert "Tip:" not in output and "litlogger" not in output and "litmodels" not in output
     assert "model  2 layers, hidden 128, 2 heads, post-LN" in done.stdout
-    assert "batch  64 per device = 64 sequences per optimizer step; 20 steps" in done.stdout
+    assert "batch  64 per device = 64 sequences per optimizer step; 6 steps" in done.stdout
     lines = output.replace("\r", "\n").splitlines()
-    for step in (10, 20):  # one line per validation, with its metrics
+    for step in (3, 6):  # one line per validation, with its metrics
         assert any(line.startswith(f"step {step}: ") and "val/mlm_accuracy" in line for line in lines), step
     # the summary names only what exists
     named = [word for word in done.stdout.split() if word.startswith(str(run))]

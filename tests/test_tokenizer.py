@@ -38,9 +38,9 @@ def test_word_cache_gives_the_tokenizers_ids(gutenberg_prepared, cased):
     sentences = books + wikitext + ODD_TEXT
     encoder = SentenceEncoder(tokenizer)
     assert encoder.cached
+    expected_ids, expected_counts = direct_ids(tokenizer, sentences)
     for _ in range(2):  # a cold and a warm cache
         ids, counts = encoder.encode(sentences)
-        expected_ids, expected_counts = direct_ids(tokenizer, sentences)
         assert np.array_equal(counts, expected_counts) and np.array_equal(ids, expected_ids)
     small = SentenceEncoder(tokenizer, max_cached_chars=1000)  # emptied again and again
     for start in range(0, 3000, 500):
