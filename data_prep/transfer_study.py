@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
     borrowed = ([r for r in previous_runs(args.random_from, options, ()) if r["random_init"]]
                 if args.random_from else [])
     if borrowed:
-        same_start(args.checkpoint, Path(json.loads(args.random_from.read_text())["checkpoint"]))
+        same_start(args.checkpoint, Path(json.loads(args.random_from.read_text())["checkpoint"]),
+                   fixed_dropout=args.dropout != "null")
     args.output.mkdir(parents=True, exist_ok=True)
     results = list(kept)
     for learning_rate, seed, random_init in planned(args, kept):
@@ -167,9 +168,11 @@ def previous_runs(path: Path, options: dict, also: tuple[str, ...]) -> list[dict
     return earlier["runs"]
 
 
-def same_start(ours: Path, theirs: Path) -> None:
+def same_start(ours: Path, theirs: Path, fixed_dropout: bool) -> None:
     """Refuse to borrow random-init runs made from a checkpoint of another architecture or tokenizer:
-    a random-init run keeps both from the checkpoint it was given."""
+    a random-init run keeps both from the checkpoint it was given. With a fixed fine-tuning dropout
+    (``--dropout RATE``, the same in both studies), the rates the checkpoints were pretrained with do
+    not reach the runs."""
     from bertpre.checkpoint import CHECKPOINT_KEY, read_checkpoint
     from bertpre.errors import UserError
 
@@ -177,6 +180,9 @@ def same_start(ours: Path, theirs: Path) -> None:
         a, b = (read_checkpoint(path)[CHECKPOINT_KEY] for path in (ours, theirs))
     except UserError as e:
         sys.exit(f"transfer_study: --random-from: {e}")
+    if fixed_dropout:
+        for meta in (a, b):
+            meta["model_config"] = {k: v for k, v in meta["model_config"].items() if not k.endswith("dropout")}
     for key in ("model_config", "tokenizer"):
         if a[key] != b[key]:
             sys.exit(f"transfer_study: --random-from: {theirs} has another {key.replace('_', ' ')} than {ours}; "

@@ -99,13 +99,23 @@ def test_dropout_option_is_a_rate_or_the_encoders():
 def test_random_init_runs_are_borrowed_only_from_the_same_architecture_and_tokenizer(sample_checkpoint, tmp_path):
     from transfer_study import same_start
 
-    same_start(sample_checkpoint, sample_checkpoint)  # the same start: accepted
-    checkpoint = torch.load(sample_checkpoint, map_location="cpu", weights_only=True)
-    checkpoint["bertpre"]["model_config"]["num_layers"] += 1
-    deeper = tmp_path / "deeper.ckpt"
-    torch.save(checkpoint, deeper)
+    same_start(sample_checkpoint, sample_checkpoint, fixed_dropout=False)  # the same start: accepted
+
+    def changed(name: str, key: str, value) -> Path:
+        checkpoint = torch.load(sample_checkpoint, map_location="cpu", weights_only=True)
+        checkpoint["bertpre"]["model_config"][key] = value
+        torch.save(checkpoint, tmp_path / name)
+        return tmp_path / name
+
+    deeper = changed("deeper.ckpt", "num_layers", 3)
+    for fixed_dropout in (False, True):
+        with pytest.raises(SystemExit, match="another model config"):
+            same_start(sample_checkpoint, deeper, fixed_dropout=fixed_dropout)
+    # pretrained with dropout 0.1 (continued pretraining): the runs share a fixed fine-tuning rate, not the encoder's
+    regularised = changed("dropout.ckpt", "hidden_dropout", 0.1)
+    same_start(sample_checkpoint, regularised, fixed_dropout=True)
     with pytest.raises(SystemExit, match="another model config"):
-        same_start(sample_checkpoint, deeper)
+        same_start(sample_checkpoint, regularised, fixed_dropout=False)
 
 
 @pytest.mark.slow
