@@ -257,14 +257,15 @@ def arrow_bytes(prepared: Path) -> dict[str, bytes]:
 
 
 def test_any_number_of_processes_gives_the_same_bytes(gutenberg_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(bertpre.prepare, "BLOCK_CHARS", 400_000)  # about 25 blocks, several in flight
+    books = [b for b in gutenberg_books() if "bible" not in b]  # 14 books, 6 MB
+    monkeypatch.setattr(bertpre.prepare, "BLOCK_CHARS", 250_000)  # about 25 blocks, several in flight
     outputs = {}
     for num_proc in (1, 2):
         out = tmp_path / f"n{num_proc}"
-        record = prepare(PrepareOptions(inputs=gutenberg_books(), output=out, tokenizer=str(gutenberg_prepared),
+        record = prepare(PrepareOptions(inputs=books, output=out, tokenizer=str(gutenberg_prepared),
                                         num_proc=num_proc, dupe_factor=2, static_masking=True))
         outputs[num_proc] = arrow_bytes(out)
-        assert record.splits["train"].instances > 40_000
+        assert record.splits["train"].instances > 20_000
     assert outputs[1] == outputs[2]
 
 

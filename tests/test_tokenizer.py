@@ -67,7 +67,7 @@ def test_other_tokenizers_are_encoded_sentence_by_sentence(gutenberg_prepared):
 
 
 def test_tokenizer_sample_is_bounded_seeded_and_trainable_alone(tmp_path, capsys):
-    books = expand_inputs(gutenberg_books())
+    books = expand_inputs([b for b in gutenberg_books() if "bible" not in b])  # 14 books, 6 MB
     options = CorpusOptions()
     sample = tokenizer_sample(books, options, sample_mb=1.0, seed=1)
     assert sample == tokenizer_sample(books, options, sample_mb=1.0, seed=1)
