@@ -109,7 +109,9 @@ def check_free_space(directory: Path, bytes_per_checkpoint: int, checkpoints: in
 
 class PreemptionCheckpoint(L.Callback):
     """On SIGTERM, SIGUSR1 or a first Ctrl-C (SIGINT): finish the current step, save
-    ``last.ckpt``, stop. A second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more.
+    ``last.ckpt``, stop (a signal that arrives after this callback's turn in a step is taken
+    at the end of the next one: checkpoints are only taken where a step has fully ended).
+    A second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more.
 
     ``stopped`` keeps such a stop (signal, checkpoint, step) for the command line that made
     this callback, which reports it (``report``) and exits with 128 + the signal number."""
@@ -120,15 +122,22 @@ class PreemptionCheckpoint(L.Callback):
         self.saved: str | None = None
         self.step: int | None = None
         self.previous: dict[int, Any] = {}
+        self.installed: dict[int, Any] = {}
 
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.received = self.saved = None
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Installed here, after Lightning's own SIGTERM handler (set between ``on_fit_start`` and
+        training), which it replaces: Lightning's would stop the loop after whatever part of the
+        step is running, and a checkpoint taken there counts the step's batch as done while the
+        logs count it again (the resumed run logged one step late)."""
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in (*PREEMPTION_SIGNALS, signal.SIGINT):
-            previous = self.previous[signum] = signal.getsignal(signum)
+            self.previous[signum] = signal.getsignal(signum)
 
-            def handler(number, frame, previous=previous):
+            def handler(number, frame):
                 if number == signal.SIGINT:
                     if self.received is not None:  # the second Ctrl-C: abort now
                         raise KeyboardInterrupt
@@ -136,15 +145,15 @@ class PreemptionCheckpoint(L.Callback):
                         print("\nbertpre: Ctrl-C: saving last.ckpt after this step, then stopping "
                               "(Ctrl-C again aborts without saving)", file=sys.stderr, flush=True)
                 self.received = number
-                if number == signal.SIGTERM and callable(previous):
-                    previous(number, frame)  # Lightning's own SIGTERM handling (stops the loops)
 
             signal.signal(signum, handler)
+            self.installed[signum] = handler
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         for signum, previous in self.previous.items():
-            signal.signal(signum, previous)
-        self.previous = {}
+            if signal.getsignal(signum) is self.installed.get(signum):  # not already restored by Lightning
+                signal.signal(signum, previous)
+        self.previous, self.installed = {}, {}
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         stop = self.received is not None
@@ -154,8 +163,8 @@ class PreemptionCheckpoint(L.Callback):
             self._save_and_stop(trainer)
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        """SIGTERM that arrives after this callback's turn in a step (e.g. while a checkpoint is
-        written) ends the step with Lightning's SIGTERMException, at a step boundary: save then."""
+        """SIGTERM that arrives before training starts (Lightning's handler is still the one set)
+        ends the first step with Lightning's SIGTERMException: save then."""
         if isinstance(exception, SIGTERMException) and not self.saved:
             self.received = self.received or signal.SIGTERM
             self._save_and_stop(trainer)

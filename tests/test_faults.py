@@ -353,6 +353,50 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
     assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-6 for s in resumed)
 
 
+def test_a_signal_late_in_a_step_is_taken_after_the_next_and_the_resume_is_exact(sample_prepared, tmp_path):
+    """SIGTERM that lands after the preemption callback's turn in a step (here sent by a callback
+    that runs after it) must still give a checkpoint at a step boundary: the resumed run trains
+    and logs every later step once, with the uninterrupted run's losses."""
+    import lightning as L
+
+    from bertpre.data import PretrainDataModule
+    from bertpre.faults import PreemptionCheckpoint
+    from bertpre.model import BertConfig
+    from bertpre.pretraining import PretrainModule
+    from bertpre.train import connect
+
+    steps, late_in = 6, 2
+
+    def run(root: Path, kill: bool = False, ckpt_path: str | None = None) -> tuple[dict[int, float], object]:
+        losses: dict[int, float] = {}
+
+        class Record(L.Callback):
+            def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+                losses[trainer.global_step] = float(outputs["loss"])
+                if kill and trainer.global_step == late_in:
+                    os.kill(os.getpid(), signal.SIGTERM)  # after PreemptionCheckpoint's turn in this step
+
+        L.seed_everything(1234)
+        module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                                learning_rate=1e-3)
+        preemption = PreemptionCheckpoint()
+        trainer = L.Trainer(max_steps=steps, logger=False, enable_progress_bar=False, default_root_dir=root,
+                            limit_val_batches=0, enable_checkpointing=False, callbacks=[preemption, Record()])
+        datamodule = PretrainDataModule(str(sample_prepared), batch_size=4, num_workers=0)
+        connect(module, datamodule)
+        trainer.fit(module, datamodule, ckpt_path=ckpt_path)
+        return losses, preemption
+
+    uninterrupted, _ = run(tmp_path / "a")
+    stopped, preemption = run(tmp_path / "b", kill=True)
+    assert preemption.stopped is not None and preemption.stopped[0] == signal.SIGTERM
+    last = tmp_path / "b" / "checkpoints" / "last.ckpt"
+    assert preemption.step == step_of(last) == late_in + 1 == max(stopped), "saved after the next full step"
+    resumed, _ = run(tmp_path / "b", ckpt_path=str(last))
+    assert sorted(resumed) == list(range(late_in + 2, steps + 1)), "every later step once"
+    assert all(abs(resumed[s] - uninterrupted[s]) <= 1e-6 for s in resumed), (resumed, uninterrupted)
+
+
 def test_a_run_that_stops_between_checkpoint_intervals_ends_with_its_last_step_saved(sample_prepared, tmp_path):
     run = tmp_path / "run"
     main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
