@@ -343,6 +343,7 @@ def test_a_10_mb_line_is_read_without_a_memory_blowup(sample_prepared, tmp_path)
         assert peaks["huge", fmt] < peaks["normal", fmt] + 400, peaks  # a few copies of the line, not more
 
 
+@pytest.mark.slow  # a real SIGKILL and three preparations of the corpus: 12 s; in CI's slow line
 def test_an_interrupted_prepare_leaves_nothing_complete_and_a_rerun_finishes(gutenberg_prepared, tmp_path):
     out = tmp_path / "prepared"
     argv = [sys.executable, "-m", "bertpre.cli", "prepare", "--input", *gutenberg_books(), "--output", str(out),
