@@ -23,7 +23,7 @@ from tokenizers import Tokenizer
 
 from bertpre.errors import UserError
 from bertpre.hf import from_hf_state_dict, read_hf_dir
-from bertpre.model import BertConfig, BertForPretraining, BertForSequenceClassification
+from bertpre.model import DROPOUT_FIELDS, BertConfig, BertForPretraining, BertForSequenceClassification
 
 CHECKPOINT_KEY = "bertpre"  # written by `bertpre train` / `bertpre import`
 TASK_KEY = "bertpre_task"  # written by `bertpre finetune`
@@ -121,7 +121,7 @@ def build_model(config: dict, state: dict[str, torch.Tensor], source: str,
     known = {f.name for f in fields(BertConfig)}
     if set(config) - known:
         raise UserError(f"{source}: model config has unknown fields {sorted(set(config) - known)}")
-    assert set(dropout or {}) <= {"hidden_dropout", "attention_dropout"}, dropout
+    assert set(dropout or {}) <= set(DROPOUT_FIELDS), dropout
     model = BertForPretraining(BertConfig(**{**config, **(dropout or {})}))
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:

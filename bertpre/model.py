@@ -26,6 +26,17 @@ def check_dropout(option: str, rate: float) -> None:
         raise UserError(f"{option} must be in [0, 1), got {rate}")
 
 
+DROPOUT_FIELDS = ("hidden_dropout", "attention_dropout")
+# what only draws initial weights: meaningless once a checkpoint's weights are loaded
+INIT_ONLY_FIELDS = ("initializer_range", "position_init")
+
+
+def config_differences(saved: dict, ours: dict, ignore: tuple[str, ...] = ()) -> list[str]:
+    """The fields (``ignore`` excepted) in which two model configs as saved (``asdict(BertConfig)``)
+    differ; a field one of them lacks (an older checkpoint) counts as differing."""
+    return sorted(k for k in saved.keys() | ours.keys() if k not in ignore and saved.get(k) != ours.get(k))
+
+
 @dataclass(frozen=True)
 class BertConfig:
     vocab_size: int | None = None  # None: the vocabulary size of the prepared data's tokenizer
@@ -52,7 +63,7 @@ class BertConfig:
             raise UserError(f"model.config.position_init must be 'normal' or 'sinusoidal', got {self.position_init!r}")
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name.endswith("dropout"):
+            if f.name in DROPOUT_FIELDS:
                 check_dropout(f"model.config.{f.name}", value)
             elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement", "position_init") and value is not None \
                     and value <= 0:

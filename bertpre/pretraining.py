@@ -34,7 +34,7 @@ from bertpre.faults import (
 )
 from bertpre.loss import pretraining_loss
 from bertpre.masking import IGNORE_INDEX
-from bertpre.model import BertConfig, BertForPretraining
+from bertpre.model import DROPOUT_FIELDS, INIT_ONLY_FIELDS, BertConfig, BertForPretraining, config_differences
 from bertpre.optim import (
     OPTIMIZERS,
     SCHEDULES,
@@ -47,9 +47,8 @@ from bertpre.optim import (
 from bertpre.throughput import ThroughputLogger
 from bertpre.tokenizer import special_ids
 
-# what a run started from another checkpoint's weights may set anew: rates of dropout, and what only
-# draws initial weights (the loaded weights replace them)
-INIT_FROM_MAY_DIFFER = ("hidden_dropout", "attention_dropout", "initializer_range", "position_init")
+# what a run started from another checkpoint's weights may set anew
+INIT_FROM_MAY_DIFFER = DROPOUT_FIELDS + INIT_ONLY_FIELDS
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
 
 
@@ -219,9 +218,7 @@ class PretrainModule(L.LightningModule):
                 f"vocabulary mismatch: {source} was trained with a different tokenizer than the one in "
                 f"data.path; prepare the data with `--tokenizer` pointing to the checkpoint's tokenizer"
             )
-        ours = asdict(self.config)
-        theirs = saved["model_config"]
-        changed = sorted(k for k in theirs.keys() | ours.keys() if k not in may_differ and theirs.get(k) != ours.get(k))
+        changed = config_differences(saved["model_config"], asdict(self.config), ignore=may_differ)
         if changed:
             raise UserError(f"{source}: model config differs from this run's in {', '.join(changed)}")
 

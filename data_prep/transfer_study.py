@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bertpre.errors import UserError
-from bertpre.model import POOLINGS, check_dropout
+from bertpre.model import DROPOUT_FIELDS, POOLINGS, check_dropout, config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "tasks" / "sst2"
@@ -180,12 +180,11 @@ def same_start(ours: Path, theirs: Path, fixed_dropout: bool) -> None:
         a, b = (read_checkpoint(path)[CHECKPOINT_KEY] for path in (ours, theirs))
     except UserError as e:
         sys.exit(f"transfer_study: --random-from: {e}")
-    if fixed_dropout:
-        for meta in (a, b):
-            meta["model_config"] = {k: v for k, v in meta["model_config"].items() if not k.endswith("dropout")}
-    for key in ("model_config", "tokenizer"):
-        if a[key] != b[key]:
-            sys.exit(f"transfer_study: --random-from: {theirs} has another {key.replace('_', ' ')} than {ours}; "
+    ignored = DROPOUT_FIELDS if fixed_dropout else ()
+    for key, differs in (("model config", config_differences(a["model_config"], b["model_config"], ignored)),
+                         ("tokenizer", a["tokenizer"] != b["tokenizer"])):
+        if differs:
+            sys.exit(f"transfer_study: --random-from: {theirs} has another {key} than {ours}; "
                      "its random-init runs are not this checkpoint's")
 
 

@@ -154,8 +154,6 @@ def test_checkpoint_from_another_tokenizer_is_refused(sample_prepared, tmp_path,
 
 def test_init_from_may_change_dropout_but_not_the_architecture(sample_checkpoint, sample_prepared, tmp_path, capsys):
     """Continued pretraining may regularise anew (dropout), never change what the weights mean."""
-    import torch
-
     from bertpre.checkpoint import model_state, read_checkpoint
 
     base = ["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.max_steps", "1",
@@ -181,7 +179,6 @@ def test_init_from_may_change_dropout_but_not_the_architecture(sample_checkpoint
                     "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
                     "--ckpt_path", str(sample_checkpoint), "--model.config.hidden_dropout", "0.1")
     assert "hidden_dropout" in err and "num_heads" not in err, err
-    del torch
 
 
 def test_help_and_unknown_command(capsys):

@@ -8,7 +8,8 @@ from conftest import ROOT, SHARED_DATA, gradient_poison
 
 from bertpre.cli import main
 from bertpre.errors import UserError
-from bertpre.finetune import ClassifierModule, encode_rows, read_table, sample_rows
+from bertpre.finetune import ClassifierModule, encode_rows, layer_lr_scales, read_table, sample_rows
+from bertpre.optim import parameter_groups
 from bertpre.tokenizer import load_tokenizer
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
@@ -141,9 +142,6 @@ def test_layer_lr_decay_lowers_the_rate_layer_by_layer(pretrained, sst2_slice, t
     assert rate[id(model.encoder.layers[top].query.weight)] == pytest.approx(head * 0.5)
     assert rate[id(model.encoder.layers[0].ffn_out.bias)] == pytest.approx(head * 0.5 ** (top + 1))
     assert rate[id(model.embeddings.word.weight)] == pytest.approx(head * 0.5 ** (top + 2))
-    from bertpre.finetune import layer_lr_scales
-    from bertpre.optim import parameter_groups
-
     plain = [[id(p) for p in g["params"]] for g in parameter_groups(model, 0.01)]
     undecayed = [[id(p) for p in g["params"]] for g in parameter_groups(model, 0.01, layer_lr_scales(model, 1.0))]
     assert undecayed == plain, "decay 1: BERT's two groups, parameters in the same order"

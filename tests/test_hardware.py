@@ -71,8 +71,8 @@ def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_pr
         run = tmp_path / f"run-{warned}"
         main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
               "--trainer.default_root_dir", str(run), "--trainer.max_steps", "1", "--trainer.precision",
-              "bf16-mixed", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0", "--data.batch_size", "4",
-              "--trainer.enable_progress_bar", "false"])
+              "bf16-mixed", "--trainer.accelerator", "cpu", "--trainer.limit_val_batches", "0",
+              "--data.batch_size", "4", "--trainer.enable_progress_bar", "false"])
         out = capsys.readouterr().out
         assert ("warning: trainer.precision bf16-mixed on a CPU without AVX512-BF16 or AMX" in out) == warned, out
         assert (run / "checkpoints" / "last.ckpt").is_file()
