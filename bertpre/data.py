@@ -21,6 +21,9 @@ from bertpre.errors import UserError
 from bertpre.masking import MLM_PROBABILITY, Masker, MaskingCollator, default_max_predictions
 
 
+HAS_PADDING = "has_padding"  # a host-side flag added to each batch before it moves to the device
+
+
 class ContentSeededCollator(MaskingCollator):
     """Masks each batch with a seed derived from its token ids: the same batch, the same masks."""
 
@@ -177,6 +180,13 @@ class PretrainDataModule(L.LightningDataModule):
             pin_memory=torch.cuda.is_available(),
             consumed=self._batches_consumed,
         )
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Note, while the batch is still on the host, whether it holds padding (a flag, no device
+        sync): the model runs a batch without any with no attention mask."""
+        if isinstance(batch, dict) and "attention_mask" in batch:
+            batch[HAS_PADDING] = not bool(batch["attention_mask"].all())
+        return batch
 
     def _batches_consumed(self) -> int:
         return self.trainer.fit_loop.epoch_loop.batch_progress.current.processed if self.trainer else 0

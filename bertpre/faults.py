@@ -7,14 +7,14 @@ signals, non-finite steps, and output folders that cannot take the run's checkpo
 - ``resolve_ckpt_path`` checks the checkpoint a run resumes from (a truncated or corrupt
   file gets an error naming the newest good one) and understands ``last-good``.
 - ``PreemptionCheckpoint`` saves ``last.ckpt`` after the current step when SIGTERM,
-  SIGUSR1 (what SLURM sends before preemption) or a first Ctrl-C arrives, then stops the run.
+  SIGUSR1 (what SLURM sends before preemption) or a first Ctrl-C arrives, then stops the run
+  (under DDP the ranks agree every 10 steps; under SLURM's auto-requeue SIGUSR1 stays Lightning's).
 - ``NonFiniteGuard`` checks the loss and gradient norm of every step: a non-finite step is
   reported with its number and skipped (no weight or optimizer update) or stops the run.
 """
 
 from __future__ import annotations
 
-import io
 import math
 import os
 import shutil
@@ -40,10 +40,11 @@ PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path: _PATH, storage_options: Any | None = None) -> None:
-        buffer = io.BytesIO()
-        torch.save(checkpoint, buffer)  # serialised first, so that a failed write is a plain OSError
+        """Streamed into the temporary file tensor by tensor (no copy of the whole file in memory:
+        a bert-large training checkpoint is about 4 GB); a failed write (a full disk) is an OSError,
+        which leaves no temporary file and the previous checkpoints as they were."""
         try:
-            atomic_write(path, lambda f: f.write(buffer.getbuffer()), what=f"checkpoint {path}")
+            atomic_write(path, lambda f: torch.save(checkpoint, f), what=f"checkpoint {path}")
         except UserError as e:
             raise UserError(f"{e}; the previous checkpoints are intact") from None
 
@@ -113,10 +114,17 @@ class PreemptionCheckpoint(L.Callback):
     at the end of the next one: checkpoints are only taken where a step has fully ended).
     A second Ctrl-C aborts at once (KeyboardInterrupt), saving nothing more.
 
+    Under DDP every rank must stop after the same step: the ranks agree (one all-reduce) at the end of
+    every ``agree_every_n_steps``-th optimizer step, not at every step, so a signal is taken within that
+    many steps. SIGUSR1 is left to a handler that was there first: under SLURM that is Lightning's
+    auto-requeue, which saves ``hpc_ckpt_N.ckpt`` in the run folder and requeues the job.
+
     ``stopped`` keeps such a stop (signal, checkpoint, step) for the command line that made
     this callback, which reports it (``report``) and exits with 128 + the signal number."""
 
-    def __init__(self) -> None:
+    def __init__(self, agree_every_n_steps: int = 10) -> None:
+        self.agree_every_n_steps = agree_every_n_steps  # under DDP: how often the ranks agree to stop
+        self.agreed_at: int | None = None
         self.stopped: tuple[int, str, int] | None = None
         self.received: int | None = None
         self.saved: str | None = None
@@ -132,10 +140,16 @@ class PreemptionCheckpoint(L.Callback):
         training), which it replaces: Lightning's would stop the loop after whatever part of the
         step is running, and a checkpoint taken there counts the step's batch as done while the
         logs count it again (the resumed run logged one step late)."""
+        self.agreed_at = trainer.global_step  # the step a resumed run starts at has ended already
         if threading.current_thread() is not threading.main_thread():
             return  # signal handlers can only be set from the main thread
         for signum in (*PREEMPTION_SIGNALS, signal.SIGINT):
             self.previous[signum] = signal.getsignal(signum)
+            if signum == signal.SIGUSR1 and self.previous[signum] not in (signal.SIG_DFL, signal.SIG_IGN, None):
+                # someone handles SIGUSR1 already: under SLURM, Lightning's auto-requeue (an hpc_ckpt_N.ckpt in
+                # the run folder, then `scontrol requeue`; the requeued job resumes from it); keep theirs
+                del self.previous[signum]
+                continue
 
             def handler(number, frame):
                 if number == signal.SIGINT:
@@ -157,7 +171,13 @@ class PreemptionCheckpoint(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         stop = self.received is not None
-        if trainer.world_size > 1:  # every rank stops after the same step
+        if trainer.world_size > 1:
+            # every rank must stop after the same step, so the ranks agree, but not at every step (a collective
+            # and a host sync): at the end of every agree_every_n_steps-th optimizer step, the same on all ranks
+            step = trainer.global_step
+            if step == self.agreed_at or step % self.agree_every_n_steps:
+                return  # not the end of an optimizer step (accumulation), or not one where the ranks agree
+            self.agreed_at = step
             stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
         if stop and not self.saved:
             self._save_and_stop(trainer)
@@ -185,6 +205,39 @@ class PreemptionCheckpoint(L.Callback):
         print(f"stopped by {signal.Signals(signum).name} after step {step}; checkpoint {path}; "
               f"resume with the same command and --ckpt_path last", flush=True)
         return 128 + signum
+
+
+class RunFolderCheck(L.Callback):
+    """What the run folder holds, as each rank sees it, and the stale checkpoints an ``--overwrite``
+    run replaces. ``bertpre train`` fills it in before fit (``view``, ``stale``); once the processes
+    are connected (``setup``) the ranks compare their views (a run folder on node-local disks gives
+    each node another set of checkpoints, and a resume on one node but not on another would hang or
+    diverge), and only rank 0 deletes the stale checkpoints."""
+
+    def __init__(self) -> None:
+        self.directory: Path | None = None
+        self.view: tuple = ()  # (checkpoint names, the checkpoint the run resumes from)
+        self.stale: list[Path] = []
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.world_size > 1:
+            first = trainer.strategy.broadcast(self.view, src=0)
+            if not trainer.strategy.reduce_boolean_decision(first == self.view, all=True):
+                seen = "" if first == self.view else f"; this rank (rank {trainer.global_rank}) sees {_described(self.view)}"
+                raise UserError(f"the ranks see different run folders at trainer.default_root_dir ({self.directory}): "
+                                f"rank 0 sees {_described(first)}{seen}; put the run folder on a file system that "
+                                "every node shares")
+        if trainer.is_global_zero:
+            for path in self.stale:
+                path.unlink(missing_ok=True)
+        if trainer.world_size > 1:
+            trainer.strategy.barrier()  # no rank writes a checkpoint before the stale ones are gone
+
+
+def _described(view: tuple) -> str:
+    names, resume = view
+    held = f"{len(names)} checkpoints ({names[-1]}, ...)" if names else "no checkpoints"
+    return held + (f", resuming from {Path(resume).name}" if resume else "")
 
 
 class FinalCheckpoint(L.Callback):
@@ -259,9 +312,7 @@ class NonFiniteGuard(L.Callback):
             return
         step = trainer.global_step + 1
         what = f"step {step}: non-finite {self._values(loss, norm)}"
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                p.grad = None
+        self._drop_gradients(trainer, optimizer)
         self.in_a_row += 1
         self.skipped.append(step)
         if trainer.is_global_zero:
@@ -269,6 +320,23 @@ class NonFiniteGuard(L.Callback):
         if self.in_a_row >= self.max_in_a_row:
             raise UserError(f"{what}; {self.in_a_row} non-finite steps in a row: the run has diverged "
                             f"(lower model.learning_rate or raise warmup); the last checkpoint holds finite weights")
+
+    @staticmethod
+    def _drop_gradients(trainer: L.Trainer, optimizer) -> None:
+        """Make the coming optimizer step a no-op. Without a GradScaler: no gradients, no update.
+        Under a GradScaler (16-mixed) with an optimizer that unscales inside its own step (fused
+        AdamW), the scaler has not looked at the gradients yet and must find an inf in them, or its
+        ``update()`` fails ("No inf checks were recorded"): the gradients are set to NaN, the scaler
+        skips the step and lowers its scale, as for an overflow. Other optimizers were unscaled
+        before this hook (the scaler has its verdict): their gradients are dropped."""
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        poison = scaler is not None and getattr(optimizer, "_step_supports_amp_scaling", False)
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if poison and p.grad is not None:
+                    p.grad.fill_(float("nan"))
+                else:
+                    p.grad = None
 
     @staticmethod
     def _values(loss: torch.Tensor, norm: torch.Tensor) -> str:

@@ -23,6 +23,7 @@ from torchmetrics import MeanMetric, SumMetric
 import bertpre
 from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
 from bertpre.context import ordinary_ids, random_context
+from bertpre.data import HAS_PADDING
 from bertpre.dataformat import PreparedData
 from bertpre.errors import UserError
 from bertpre.faults import (
@@ -228,6 +229,9 @@ class PretrainModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Before any step: the run folder must be writable and hold the checkpoints the run keeps."""
         trainer = self.trainer
+        if self.device.type == "cuda":
+            # fp32 matrix products on tensor cores (TF32); mixed precision runs are unaffected
+            torch.set_float32_matmul_precision("high")
         if not trainer.is_global_zero:
             return
         kept = 1  # the temporary file of an atomic save
@@ -269,10 +273,16 @@ class PretrainModule(L.LightningModule):
         self._check_compatible(checkpoint[CHECKPOINT_KEY], "ckpt_path")
 
     # --- steps --------------------------------------------------------------------------
+    @staticmethod
+    def _attention_mask(batch: dict[str, Any]) -> torch.Tensor | None:
+        """The batch's attention mask, or None for a batch without padding (see PretrainDataModule):
+        attention without a mask can use a Flash kernel on GPU."""
+        return batch["attention_mask"] if batch.get(HAS_PADDING, True) else None
+
     def _step(self, batch: dict[str, torch.Tensor]):
         """Loss on the batch's fixed prediction slots: shapes independent of the data, no host sync."""
         mlm_logits, nsp_logits = self.model(
-            batch["input_ids"], batch["token_type_ids"], batch["attention_mask"], positions=batch["mlm_positions"]
+            batch["input_ids"], batch["token_type_ids"], self._attention_mask(batch), positions=batch["mlm_positions"]
         )  # (B, P, V), (B, 2)
         return pretraining_loss(mlm_logits, batch["mlm_labels"], nsp_logits, batch["next_sentence_label"])
 
@@ -282,7 +292,9 @@ class PretrainModule(L.LightningModule):
         size = batch["input_ids"].shape[0]
         for name in METRICS:
             self.log(f"train/{name}", getattr(out, name), batch_size=size, prog_bar=name in ("loss", "mlm_accuracy"))
-        self.log("train/lr", self.lr_schedulers().get_last_lr()[0], batch_size=size)
+        # a host tensor: Lightning would copy a Python float to the device, a host sync every step
+        self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0], dtype=torch.float32),
+                 batch_size=size)
         return out.loss
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
@@ -293,26 +305,29 @@ class PretrainModule(L.LightningModule):
         for name in METRICS:
             weight = out.num_predicted if name.startswith("mlm") else size
             self.val_metrics[name].update(getattr(out, name), weight)
-        targets = batch["labels"][batch["labels"] != IGNORE_INDEX]
-        counts = torch.bincount(targets, minlength=self.config.vocab_size)
+        labels = batch["mlm_labels"].flatten()  # (B * P,): the predicted ids, IGNORE_INDEX in empty slots
+        predicted = labels != IGNORE_INDEX
+        counts = torch.zeros(self.config.vocab_size, dtype=torch.long, device=labels.device)
+        counts.scatter_add_(0, labels.clamp(min=0), predicted.long())  # no data-dependent shape, no sync
         self.val_target_counts = counts if self.val_target_counts is None else self.val_target_counts + counts
 
     def _context_gain_update(self, batch: dict[str, torch.Tensor], batch_idx: int, real_correct=None) -> None:
         """Correct predictions on this batch with real context (``real_correct`` when the caller has
-        them) and with random context at the same predicted positions."""
-        labels = batch["labels"]
-        predict = labels != IGNORE_INDEX  # (B, T)
-        targets = labels[predict]
+        them) and with random context, at the batch's fixed prediction slots (the shapes of the
+        training step: nothing data-dependent, so a compiled model is not recompiled)."""
+        labels, slot_labels = batch["labels"], batch["mlm_labels"]  # (B, T), (B, P)
+        filled = slot_labels != IGNORE_INDEX
         generator = torch.Generator(device=labels.device).manual_seed(batch_idx)
         shuffled = random_context(batch["input_ids"], labels, batch["attention_mask"], self.ordinary_ids,
                                   self.special_ids.to(labels.device), generator)
         inputs = {"random": shuffled} if real_correct is not None else {"real": batch["input_ids"], "random": shuffled}
         for name, ids in inputs.items():
-            mlm_logits, _ = self.model(ids, batch["token_type_ids"], batch["attention_mask"], predict=predict)
-            self.context_counts[name].update((mlm_logits.argmax(-1) == targets).sum())
+            mlm_logits, _ = self.model(ids, batch["token_type_ids"], self._attention_mask(batch),
+                                       positions=batch["mlm_positions"])  # (B, P, V)
+            self.context_counts[name].update(((mlm_logits.argmax(-1) == slot_labels) & filled).sum())
         if real_correct is not None:
             self.context_counts["real"].update(real_correct)
-        self.context_counts["predicted"].update(targets.numel())
+        self.context_counts["predicted"].update(filled.sum())
 
     def _log_context_gain(self) -> None:
         counts = {name: metric.compute() for name, metric in self.context_counts.items()}

@@ -96,27 +96,51 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
 
 class ThroughputLogger(L.Callback):
     """Logs perf/tokens_per_sec (real tokens, padding excluded), perf/samples_per_sec,
-    perf/padding_share and perf/mfu (model FLOPs of the real tokens over the peak), all ranks
-    together, averaged over windows of ``window`` training batches. Real tokens are summed on
-    the device and read once per window (one host sync per window, none per step)."""
+    perf/padding_share, perf/mfu (model FLOPs of the real tokens over the peak), all ranks
+    together, and on CUDA perf/peak_memory_gb (this rank's allocator peak), over windows of
+    ``window`` training batches.
 
-    def __init__(self, window: int = 10) -> None:
+    A window is timed between two device syncs (the one at its end also reads the real-token
+    count, summed on the device: one host sync per window, none per step). The first window of a
+    run (or of a resumed run) is not logged: it holds start-up, warm-up and compilation. A window
+    in which validation ran or a checkpoint was written is dropped, not averaged in: the figures
+    are the training step's own."""
+
+    def __init__(self, window: int = 10, skip_first: bool = True) -> None:
         self.window = window
+        self.skip_first = skip_first
         self.peak: float | None = None
+        self.windows = 0  # windows timed so far (the first is skipped)
         self._reset(None)
 
     def _reset(self, start: float | None) -> None:
         self.start, self.batches, self.slots, self.samples, self.flops_per_token = start, 0, 0, 0, 0.0
         self.tokens: torch.Tensor | int = 0  # real tokens, on the batch's device
 
+    @staticmethod
+    def _now(device: torch.device) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the time of the work done, not of the work queued
+        return time.perf_counter()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self.peak, _ = peak_flops(pl_module.device, str(trainer.precision))
+        self.windows = 0
+        self._reset(None)
 
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         if self.start is None:
-            self.start = time.perf_counter()
+            self.start = self._now(pl_module.device)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self._reset(None)  # the window would hold validation: dropped, the next one starts after it
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        self._reset(None)  # the next step's window would hold the write
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.start is None:
+            return
         B, T = batch["input_ids"].shape
         self.batches += 1
         self.slots += B * T
@@ -126,13 +150,23 @@ class ThroughputLogger(L.Callback):
         self.flops_per_token = model_flops_per_token(pl_module.config, T, slots)
         if self.batches < self.window:
             return
-        elapsed = time.perf_counter() - self.start
+        device = pl_module.device
+        elapsed = self._now(device) - self.start
+        self.windows += 1
+        if self.skip_first and self.windows == 1:
+            self._reset(time.perf_counter())
+            return
         world = trainer.world_size
-        tokens = int(self.tokens)  # the window's one host sync
-        pl_module.log("perf/tokens_per_sec", world * tokens / elapsed, prog_bar=True, batch_size=B)
-        pl_module.log("perf/samples_per_sec", world * self.samples / elapsed, batch_size=B)
-        pl_module.log("perf/padding_share", 1 - tokens / max(self.slots, 1), batch_size=B)
+        tokens = int(self.tokens)  # already computed: the sync above waited for it
+
+        def log(name: str, value: float, **kwargs) -> None:  # host tensors: Lightning copies Python numbers
+            pl_module.log(name, torch.tensor(value, dtype=torch.float32), batch_size=B, **kwargs)
+
+        log("perf/tokens_per_sec", world * tokens / elapsed, prog_bar=True)
+        log("perf/samples_per_sec", world * self.samples / elapsed)
+        log("perf/padding_share", 1 - tokens / max(self.slots, 1))
         if self.peak:
-            mfu = tokens * self.flops_per_token / elapsed / self.peak
-            pl_module.log("perf/mfu", mfu, prog_bar=True, batch_size=B)
+            log("perf/mfu", tokens * self.flops_per_token / elapsed / self.peak, prog_bar=True)
+        if device.type == "cuda":
+            log("perf/peak_memory_gb", torch.cuda.max_memory_allocated(device) / 2**30)
         self._reset(time.perf_counter())

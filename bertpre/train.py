@@ -30,6 +30,7 @@ from bertpre.faults import (
     AtomicCheckpointIO,
     NonFiniteGuard,
     PreemptionCheckpoint,
+    RunFolderCheck,
     check_checkpoint_file,
     check_writable,
     resolve_ckpt_path,
@@ -87,6 +88,7 @@ class BertpreCLI(LightningCLI):
                                  "(without it such a folder is refused unless --ckpt_path resumes it)")
 
     def instantiate_trainer(self, **kwargs):
+        check_strategy(self._get(self.config_init, "trainer.strategy"))
         root = Path(self._get(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
         plugins = self._get(self.config_init, "trainer.plugins") or []
@@ -120,6 +122,7 @@ class BertpreCLI(LightningCLI):
             if type(callback) in (TQDMProgressBar, RichProgressBar):
                 trainer.callbacks[i] = StepProgressBar()
         trainer.callbacks.append(ModelLine())
+        trainer.callbacks.append(RunFolderCheck())
         if self.preemption is not None:
             trainer.callbacks.append(self.preemption)
         return trainer
@@ -131,14 +134,17 @@ class BertpreCLI(LightningCLI):
         directory = checkpoint_dir(self.trainer)
         config = self.config_init[self.subcommand]
         existing = run_checkpoints(directory)
-        if existing and config.get("ckpt_path") is None:
+        folder = next(c for c in self.trainer.callbacks if isinstance(c, RunFolderCheck))
+        folder.directory, folder.stale = directory, []
+        requeued = slurm_requeued(Path(self.trainer.default_root_dir))
+        if existing and config.get("ckpt_path") is None and not requeued:
             if not config.get("overwrite"):
                 raise UserError(f"{directory} holds checkpoints of an earlier run ({existing[-1].name}, ...); resume "
                                 "it with --ckpt_path last, choose another trainer.default_root_dir, or pass "
                                 "--overwrite true to delete them and start afresh")
-            for path in existing:
-                path.unlink()
+            folder.stale = existing  # deleted by rank 0 once the ranks agree on what the folder holds
         config["ckpt_path"] = resolve_ckpt_path(config.get("ckpt_path"), directory)
+        folder.view = ([p.name for p in existing], config["ckpt_path"])
         config["weights_only"] = True  # Lightning restores tensors and plain data only: nothing in the file runs
 
     def after_fit(self) -> None:
@@ -226,6 +232,25 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
         for directory in log_dirs:
             remove_if_no_metrics(directory)
         raise
+
+
+def check_strategy(strategy) -> None:
+    """Sharded strategies are refused: gradient clipping (``bertpre.optim.clip_gradients``) and LAMB's
+    trust ratios take norms of the gradients and weights a process holds, which under FSDP or
+    DeepSpeed are shards, so each rank would clip and scale by its own shard's norm."""
+    name = strategy if isinstance(strategy, str) else type(strategy).__name__
+    if name and any(word in name.lower() for word in ("fsdp", "deepspeed", "modelparallel")):
+        raise UserError(f"trainer.strategy {name}: sharded training is not supported (gradient clipping and LAMB "
+                        "would use per-shard norms); use ddp, which holds BERT-large with room to spare on one GPU")
+
+
+def slurm_requeued(root: Path) -> bool:
+    """A SLURM job that Lightning's auto-requeue saved (``hpc_ckpt_N.ckpt`` in the run folder) and
+    requeued: run with the same command, it resumes from that checkpoint (Lightning picks it when no
+    ``ckpt_path`` is given), so the folder's checkpoints are its own, not another run's."""
+    from lightning.fabric.plugins.environments import SLURMEnvironment
+
+    return SLURMEnvironment.detect() and any(root.glob("hpc_ckpt_*.ckpt"))
 
 
 # what a run's log folder holds before its first logged step: removed with the folder when the run fails

@@ -5,7 +5,7 @@ import torch
 from torch import nn
 
 from bertpre.context import ordinary_ids, random_context
-from bertpre.masking import IGNORE_INDEX
+from bertpre.masking import IGNORE_INDEX, prediction_slots
 from bertpre.model import BertConfig
 from bertpre.pretraining import PretrainModule
 
@@ -28,24 +28,26 @@ def doubled_batch(batch_size: int = 64, pairs: int = 10, seed: int = 0) -> dict[
     labels = torch.cat([torch.full((batch_size, 1), IGNORE_INDEX), labels,
                         torch.full((batch_size, 3), IGNORE_INDEX)], dim=1)
     mask = (ids != 0).long()
+    positions, slot_labels = prediction_slots(labels.numpy(), pairs + 2)  # two empty slots per row
     return {"input_ids": ids, "labels": labels, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids),
-            "next_sentence_label": torch.zeros(batch_size, dtype=torch.long)}
+            "next_sentence_label": torch.zeros(batch_size, dtype=torch.long),
+            "mlm_positions": torch.from_numpy(positions), "mlm_labels": torch.from_numpy(slot_labels)}
 
 
 class CopyLeft(nn.Module):
     """Predicts the token left of each predicted position: a model that uses context."""
 
-    def forward(self, ids, types, mask, predict):
-        left = torch.roll(ids, 1, dims=1)[predict]  # (P,)
+    def forward(self, ids, types, mask, positions):
+        left = torch.roll(ids, 1, dims=1).gather(1, positions)  # (B, P)
         return torch.nn.functional.one_hot(left, V).float(), torch.zeros(len(ids), 2)
 
 
 class Unigram(nn.Module):
     """Always the same distribution, whatever the input: a model on the plateau."""
 
-    def forward(self, ids, types, mask, predict):
-        logits = torch.zeros(int(predict.sum()), V)
-        logits[:, 7] = 1.0
+    def forward(self, ids, types, mask, positions):
+        logits = torch.zeros(*positions.shape, V)  # (B, P, V)
+        logits[..., 7] = 1.0
         return logits, torch.zeros(len(ids), 2)
 
 

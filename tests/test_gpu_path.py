@@ -136,3 +136,47 @@ def test_micro_batches_of_one_step_draw_different_dropout(sample_prepared, tmp_p
     trainer.fit(module, data)
     assert [step for step, _ in seeds] == [0, 0, 0, 1, 1, 1]
     assert len({seed for _, seed in seeds}) == 6, seeds
+
+
+@pytest.mark.parametrize("implementation", ["fused", "foreach"])
+def test_a_non_finite_loss_under_a_grad_scaler_is_skipped_without_a_crash(sample_prepared, tmp_path, capsys,
+                                                                          implementation):
+    """16-mixed + nonfinite: skip + a non-finite loss: the guard used to drop every gradient, so with fused
+    AdamW (which unscales inside its own step) the GradScaler recorded no inf check and its update()
+    raised. Now that step is skipped (weights unchanged), the run goes on, and the loss is reported."""
+    import lightning as L
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    from bertpre.data import PretrainDataModule
+    from bertpre.model import BertConfig
+    from bertpre.pretraining import PretrainModule
+    from bertpre.train import connect
+
+    class LossPoison(L.Callback):
+        """At step 1 the loss the guard checks is NaN (what an fp16 overflow in the forward pass gives)."""
+        before = after = None
+
+        def on_after_backward(self, trainer, module):
+            if trainer.global_step == 1 and self.before is None:
+                self.before = {k: v.clone() for k, v in module.state_dict().items()}
+                module.nonfinite_guard.loss = torch.tensor(float("nan"))
+
+        def on_train_batch_end(self, trainer, module, *args):
+            if self.before is not None and self.after is None:
+                self.after = {k: v.clone() for k, v in module.state_dict().items()}
+
+    poison = LossPoison()
+    module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                            nonfinite="skip", optimizer_implementation=implementation)
+    plugin = MixedPrecision("16-mixed", "cpu")
+    trainer = L.Trainer(max_steps=4, callbacks=[poison], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                        plugins=[plugin], gradient_clip_val=1.0, accelerator="cpu")
+    data = PretrainDataModule(str(sample_prepared), batch_size=4)
+    connect(module, data)
+    trainer.fit(module, data)
+    assert trainer.global_step == 4
+    assert module.nonfinite_guard.skipped == [2] and "step 2: non-finite loss nan" in capsys.readouterr().out
+    weights = [k for k in poison.before if k.startswith("model.")]
+    assert all(torch.equal(poison.before[k], poison.after[k]) for k in weights), "the skipped step changed weights"
+    assert all(torch.isfinite(p).all() for p in module.parameters())

@@ -1,0 +1,195 @@
+"""What several GPUs need, checked on CPU: no per-step collective or host sync in the training
+step, ranks that agree about the run folder (and only rank 0 deleting in it), SIGUSR1 left to
+SLURM's auto-requeue, sharded strategies refused."""
+
+import signal
+from types import SimpleNamespace
+
+import lightning as L
+import pytest
+import torch
+from test_static_step import DATA_DEPENDENT, OpCounter
+
+from bertpre.errors import UserError
+from bertpre.faults import PreemptionCheckpoint, RunFolderCheck
+
+
+class FakeStrategy:
+    """The collectives of a 2-rank strategy, as this rank sees them: rank 0's objects broadcast,
+    decisions reduced with the other rank's decision (``other``)."""
+
+    def __init__(self, rank0_view=None, other: bool = True):
+        self.rank0_view, self.other = rank0_view, other
+        self.reduced = self.barriers = 0
+
+    def broadcast(self, obj, src=0):
+        return obj if self.rank0_view is None else self.rank0_view
+
+    def reduce_boolean_decision(self, decision: bool, all: bool = True) -> bool:
+        self.reduced += 1
+        return (decision and self.other) if all else (decision or self.other)
+
+    def barrier(self):
+        self.barriers += 1
+
+
+def test_under_ddp_the_ranks_agree_to_stop_every_n_steps_not_every_step():
+    """The per-step all-reduce (and host sync) is gone: with accumulation of 2 micro-batches, 40 steps
+    give 80 batch ends and 4 agreements; a signal is still taken at the next agreement."""
+    callback = PreemptionCheckpoint(agree_every_n_steps=10)
+    strategy = FakeStrategy(other=False)  # the other rank has no signal: "any rank" stays False
+    trainer = SimpleNamespace(world_size=2, global_step=0, strategy=strategy)
+    callback.agreed_at = 0
+    saved = []
+    callback._save_and_stop = lambda t: saved.append(t.global_step)
+    for batch in range(80):
+        trainer.global_step = (batch + 1) // 2  # an optimizer step after every second micro-batch
+        callback.on_train_batch_end(trainer, None)
+    assert strategy.reduced == 4 and not saved
+    callback.received = signal.SIGTERM  # arrives at step 41
+    for batch in range(80, 100):
+        trainer.global_step = (batch + 1) // 2
+        callback.on_train_batch_end(trainer, None)
+    assert saved == [50], "the ranks stop together at the next agreement"
+
+
+def test_one_process_takes_a_signal_at_the_next_step_end_without_any_collective():
+    callback = PreemptionCheckpoint()
+    strategy = FakeStrategy()
+    trainer = SimpleNamespace(world_size=1, global_step=3, strategy=strategy)
+    saved = []
+    callback._save_and_stop = lambda t: saved.append(t.global_step)
+    callback.received = signal.SIGUSR1
+    callback.on_train_batch_end(trainer, None)
+    assert saved == [3] and strategy.reduced == 0
+
+
+def test_sigusr1_is_left_to_a_handler_installed_before_training(tmp_path):
+    """Under SLURM Lightning installs its auto-requeue handler for SIGUSR1 before training starts;
+    bertpre's preemption handling takes SIGTERM and Ctrl-C but leaves SIGUSR1 to it."""
+    def lightnings(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGUSR1, lightnings)
+    try:
+        callback = PreemptionCheckpoint()
+        trainer = SimpleNamespace(global_step=0, is_global_zero=True)
+        callback.on_train_start(trainer, None)
+        assert signal.getsignal(signal.SIGUSR1) is lightnings
+        assert signal.getsignal(signal.SIGTERM) is callback.installed[signal.SIGTERM]
+        callback.teardown(trainer, None, "fit")
+        assert signal.getsignal(signal.SIGUSR1) is lightnings
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+    callback = PreemptionCheckpoint()  # without one, bertpre takes SIGUSR1 as before
+    callback.on_train_start(SimpleNamespace(global_step=0, is_global_zero=True), None)
+    try:
+        assert signal.getsignal(signal.SIGUSR1) is callback.installed[signal.SIGUSR1]
+    finally:
+        callback.teardown(None, None, "fit")
+
+
+def folder_check(tmp_path, view, rank0_view=None, rank=1, other=True):
+    stale = tmp_path / "epoch=0-step=10.ckpt"
+    stale.write_bytes(b"x")
+    check = RunFolderCheck()
+    check.directory, check.view, check.stale = tmp_path, view, [stale]
+    strategy = FakeStrategy(rank0_view, other)
+    trainer = SimpleNamespace(world_size=2, global_rank=rank, is_global_zero=rank == 0, strategy=strategy)
+    return check, trainer, stale
+
+
+def test_ranks_that_see_different_run_folders_are_refused_in_one_line(tmp_path):
+    """A run folder on node-local disks: rank 0 resumes from a checkpoint that rank 1 does not have."""
+    check, trainer, stale = folder_check(tmp_path, view=([], None),
+                                         rank0_view=(["epoch=0-step=10.ckpt", "last.ckpt"], "/r/last.ckpt"))
+    with pytest.raises(UserError) as error:
+        check.setup(trainer, None, "fit")
+    message = str(error.value)
+    assert "\n" not in message and f"trainer.default_root_dir ({tmp_path})" in message
+    assert "rank 0 sees 2 checkpoints (last.ckpt, ...), resuming from last.ckpt; this rank (rank 1) sees no " \
+           "checkpoints" in message and "every node shares" in message
+    assert stale.exists(), "nothing deleted when the ranks disagree"
+    # the rank that agrees with rank 0 learns of the disagreement too (the decision is reduced), and stops
+    check, trainer, _ = folder_check(tmp_path, view=([], None), rank=0, other=False)
+    with pytest.raises(UserError, match="the ranks see different run folders"):
+        check.setup(trainer, None, "fit")
+
+
+def test_only_rank_zero_deletes_the_stale_checkpoints_of_an_overwritten_run(tmp_path):
+    check, trainer, stale = folder_check(tmp_path, view=(["epoch=0-step=10.ckpt"], None), rank=1)
+    check.setup(trainer, None, "fit")
+    assert stale.exists() and trainer.strategy.barriers == 1
+    check, trainer, stale = folder_check(tmp_path, view=(["epoch=0-step=10.ckpt"], None), rank=0)
+    check.setup(trainer, None, "fit")
+    assert not stale.exists() and trainer.strategy.barriers == 1
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "deepspeed_stage_2"])
+def test_sharded_strategies_are_refused_in_one_line(strategy, sample_prepared, tmp_path, capsys):
+    from conftest import ROOT
+
+    from bertpre.cli import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+              "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.strategy", strategy])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"bertpre train: error: trainer.strategy {strategy}: sharded training is not supported")
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+class SyncCounter(L.Callback):
+    """Counts data-dependent ops (host reads of device values) from the start of each training batch
+    (first of the callbacks) to ``close()``, which the module calls in its own on_train_batch_end,
+    after every callback's (Lightning calls the module's hook last)."""
+
+    def __init__(self):
+        self.counter: OpCounter | None = None
+        self.per_step: list[dict] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx):
+        self.counter = OpCounter().__enter__()
+
+    def close(self):
+        self.counter.__exit__(None, None, None)
+        self.per_step.append({k: v for k, v in self.counter.seen.items() if k in DATA_DEPENDENT})
+
+
+def test_a_training_step_reads_nothing_from_the_device_and_logs_no_python_numbers(sample_prepared, tmp_path):
+    """Every op of every step, from on_train_batch_start to the last on_train_batch_end hook (the
+    model, loss, backward, clipping, the fused AdamW step, logging, bertpre's callbacks), is counted:
+    no host read of a device value except at the guard's and the throughput window's checks. And
+    nothing is logged as a Python number, which Lightning would copy to the device every step."""
+    from bertpre.data import PretrainDataModule
+    from bertpre.model import BertConfig
+    from bertpre.pretraining import PretrainModule
+    from bertpre.train import connect
+
+    logged = []
+
+    class Recording(PretrainModule):
+        def log(self, name, value, *args, **kwargs):
+            if self.trainer.training and not self.trainer.sanity_checking:
+                logged.append((name, type(value)))
+            return super().log(name, value, *args, **kwargs)
+
+        def on_train_batch_end(self, *args):
+            counter.close()
+
+    module = Recording(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
+                       nonfinite="stop", optimizer_implementation="fused")
+    counter = SyncCounter()
+    trainer = L.Trainer(max_steps=22, callbacks=[counter], logger=False, enable_progress_bar=False,
+                        enable_checkpointing=False, default_root_dir=tmp_path, limit_val_batches=0,
+                        gradient_clip_val=1.0, accelerator="cpu", log_every_n_steps=50)
+    trainer.callbacks.insert(0, trainer.callbacks.pop(trainer.callbacks.index(counter)))
+    data = PretrainDataModule(str(sample_prepared), batch_size=4)
+    connect(module, data)
+    trainer.fit(module, data)
+    assert len(counter.per_step) == 22
+    busy = {i: seen for i, seen in enumerate(counter.per_step) if seen}
+    # the throughput windows end at steps 9 (the first: skipped, nothing read) and 19 (one read)
+    assert list(busy) == [19] and sum(busy[19].values()) == 1, busy
+    assert logged and all(t is torch.Tensor for _, t in logged), sorted(set(logged))
