@@ -76,10 +76,12 @@ def _batch(options: BenchOptions, device: torch.device) -> dict[str, torch.Tenso
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def _build(framework: str, options: BenchOptions, device: torch.device) -> tuple[torch.nn.Module, Callable[[], None]]:
-    """The model and a function that runs one full training step on a fixed batch."""
+def _build(framework: str, options: BenchOptions, device: torch.device,
+           config: BertConfig | None = None) -> tuple[torch.nn.Module, Callable[[], None]]:
+    """The model (``options.preset``'s, or ``config``) and a function that runs one full training
+    step on a fixed batch."""
     torch.manual_seed(0)
-    config = BertConfig.from_preset(options.preset, vocab_size=options.vocab_size)
+    config = config or BertConfig.from_preset(options.preset, vocab_size=options.vocab_size)
     ours = BertForPretraining(config)
     model = to_transformers(ours, pad_token_id=0, attn_implementation="sdpa") if framework == "transformers" else ours
     model.to(device).train()

@@ -11,7 +11,7 @@ from pathlib import Path
 import bertpre
 from bertpre.errors import UserError
 
-USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,bench,export,import,finetune,predict} ...
+USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,bench,gpu-check,export,import,finetune,predict} ...
 
   prepare   raw text -> tokenizer + sentence-pair dataset      bertpre prepare --help
   tokenizer train only the tokenizer (before sharded prepare)   bertpre tokenizer --help
@@ -19,6 +19,8 @@ USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,bench,export,
   inspect   statistics and a figure of a prepared folder        bertpre inspect DIR
   train     pretrain with MLM + NSP from a YAML config          bertpre train --help
   bench     time bertpre's training step against transformers'  bertpre bench --help
+  gpu-check the GPU path in a few minutes: speed, MFU, compile,     bertpre gpu-check --output DIR
+            resume, fp16, bert-large's largest batch
   export    checkpoint -> HuggingFace directory (pretrained or   bertpre export CKPT --output DIR
             fine-tuned)
   import    HuggingFace BERT directory -> bertpre checkpoint     bertpre import DIR --output CKPT
@@ -236,6 +238,58 @@ def run_bench(argv: Sequence[str]) -> None:
             json.dump(results, f, indent=2)
 
 
+def gpu_check_parser() -> argparse.ArgumentParser:
+    from bertpre.gpucheck import STAGES
+
+    p = argparse.ArgumentParser(
+        prog="bertpre gpu-check",
+        description="Check the GPU path in a few minutes: prepare the bundled sample, train the shipped config "
+                    "eager and compiled (tokens/s, MFU, peak memory, loss falling), kill and resume a run, train "
+                    "in fp16, bench against transformers, time the attention kernels, find the largest batch of "
+                    "bert-large; writes DIR/gpu_check.json and DIR/gpu_check.txt. Run it from the repository.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--output", required=True, type=Path, metavar="DIR", help="work folder (data, runs, results)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty work folder")
+    p.add_argument("--preset", default="bert-base", help="the config trained: configs/PRESET.yaml")
+    p.add_argument("--large-preset", default="bert-large")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--steps", type=int, default=None, help="steps of each training run, even (default 200; "
+                   "20 with --miniature)")
+    p.add_argument("--num-workers", type=int, default=8, help="data loader workers of each training run")
+    p.add_argument("--input", nargs="+", default=None, metavar="PATH", help="text to prepare (default: the "
+                   "bundled sample)")
+    p.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
+                   help="also train configs/bert-mini-cpu.yaml's recipe on this text for --recipe-minutes")
+    p.add_argument("--recipe-minutes", type=float, default=None, help="default 5 (0.3 with --miniature)")
+    p.add_argument("--stages", nargs="+", default=[], choices=STAGES, metavar="STAGE",
+                   help=f"run only these ({', '.join(STAGES)})")
+    p.add_argument("--miniature", action="store_true",
+                   help="tiny models and few steps (any machine, a CPU too): what the project's tests run")
+    return p
+
+
+def run_gpu_check(argv: Sequence[str]) -> None:
+    from bertpre.gpucheck import GpuCheckOptions, format_table, run_gpu_check
+
+    args = gpu_check_parser().parse_args(argv)
+    values = dict(preset=args.preset, large_preset=args.large_preset, corpus=args.corpus,
+                  stages=tuple(args.stages), overwrite=args.overwrite)
+    for name in ("steps", "recipe_minutes"):
+        if getattr(args, name) is not None:
+            values[name] = getattr(args, name)
+    if args.input:
+        values["inputs"] = args.input
+    if args.miniature:
+        options = GpuCheckOptions.miniature_options(args.output, **values)
+    else:
+        options = GpuCheckOptions(args.output, batch_size=args.batch_size, num_workers=args.num_workers, **values)
+    results = run_gpu_check(options)
+    print(format_table(results))
+    if not results["ok"]:
+        sys.exit(1)
+
+
 def export_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="bertpre export",
                                 description="Write a directory that transformers loads: a pretraining checkpoint "
@@ -323,7 +377,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     commands = {"prepare": run_prepare, "tokenizer": run_tokenizer, "combine": run_combine, "inspect": run_inspect,
-                "train": run_train, "bench": run_bench, "export": run_export, "import": run_import,
+                "train": run_train, "bench": run_bench, "gpu-check": run_gpu_check, "export": run_export, "import": run_import,
                 "finetune": run_finetune, "predict": run_predict}
     if not argv:  # a command is required: usage on stderr, exit 2 (like argparse)
         print(USAGE, file=sys.stderr, end="")

@@ -1,0 +1,503 @@
+"""``bertpre gpu-check``: the GPU path in one command, for a machine you are about to spend GPU
+time on. On one GPU it takes a few minutes:
+
+1. ``prepare``: the bundled sample (or ``--input``) -> a prepared folder at ``--seq-length``;
+2. ``eager`` and ``compiled``: ``bertpre train`` with the shipped config of ``--preset``
+   (configs/<preset>.yaml: its precision, optimizer, clipping and masking) for ``--steps`` steps,
+   without and with ``model.compile``: tokens/s, MFU and peak memory (timed between device syncs,
+   after the first window, which holds warm-up and compilation), the loss finite and falling;
+   the compiled run also counts graph breaks and recompiles;
+3. ``resume``: the eager run again, killed (SIGKILL) once its mid-run checkpoint exists, then
+   resumed with ``--ckpt_path last``: its losses against the uninterrupted run's;
+4. ``fp16``: a few steps in 16-mixed (a GradScaler) with ``nonfinite: skip``;
+5. ``bench`` (and ``bench-compiled``): ``bertpre bench`` against transformers'
+   ``BertForPreTraining`` (sdpa) on the same batch and optimizer;
+6. ``attention``: the attention kernels SDPA picks with and without a padding mask, timed;
+7. ``large``: ``--large-preset`` at growing batch sizes until memory runs out;
+8. ``recipe`` (with ``--corpus``): configs/bert-mini-cpu.yaml's recipe for ``--recipe-minutes``.
+
+Every stage runs even when an earlier one fails; ``gpu_check.json`` in the output folder is
+rewritten after each stage, and a table is printed at the end. The exit status is 0 when every
+stage passed. ``--miniature`` runs the same stages with tiny models and few steps, on a CPU
+too: the project's tests run it, so that on a GPU only the GPU can fail.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import platform
+import re
+import signal
+import statistics
+import subprocess
+import sys
+import time
+import traceback
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+import yaml
+
+from bertpre.errors import UserError
+from bertpre.outputs import atomic_write, check_replaceable
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/ and data_prep/sample
+# a model small enough for a CPU, for --miniature: every other setting is the shipped config's
+MINIATURE_MODEL = ["--model.config.hidden_size", "64", "--model.config.num_layers", "2",
+                   "--model.config.num_heads", "2", "--model.config.intermediate_size", "128"]
+MINIATURE_LARGE = {"hidden_size": 64, "num_layers": 3, "num_heads": 2, "intermediate_size": 128}
+# relative difference between a resumed run's losses and the uninterrupted run's: exact on CPU;
+# on a GPU, atomics in backward kernels make two runs of the same step differ in the last bits, and
+# in bf16 (8 bits of mantissa) such differences grow over the steps after the resume
+RESUME_TOLERANCE = {"cpu": 1e-4, "cuda": 0.02}
+
+
+@dataclass
+class GpuCheckOptions:
+    output: Path
+    inputs: list[str] = field(default_factory=lambda: [str(ROOT / "data_prep" / "sample")])
+    preset: str = "bert-base"
+    large_preset: str = "bert-large"
+    batch_size: int = 256
+    large_batch_sizes: tuple[int, ...] = (128, 256, 512, 768, 1024)
+    seq_length: int = 128
+    vocab_size: int = 30522
+    steps: int = 200
+    fp16_steps: int = 30
+    bench_steps: int = 10
+    num_workers: int = 8
+    corpus: list[str] | None = None  # text for the recipe stage
+    recipe_minutes: float = 5.0
+    stages: tuple[str, ...] = ()  # empty: all
+    miniature: bool = False
+    overwrite: bool = False
+
+    @classmethod
+    def miniature_options(cls, output: Path, **overrides) -> GpuCheckOptions:
+        """The same stages, small enough for a CPU in about a minute each."""
+        values = dict(output=output, batch_size=8, large_batch_sizes=(4, 8), vocab_size=1024, steps=20,
+                      fp16_steps=4, bench_steps=2, num_workers=0, recipe_minutes=0.3, miniature=True)
+        values.update(overrides)
+        return cls(**values)
+
+
+STAGES = ("environment", "prepare", "eager", "compiled", "resume", "fp16", "bench", "bench-compiled", "attention",
+          "large", "recipe")
+
+
+class Check:
+    """Runs the stages, keeps their results, writes them after each stage."""
+
+    def __init__(self, options: GpuCheckOptions) -> None:
+        self.o = options
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.results: dict = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
+                              "stages": {}}
+        self.work = options.output
+        self.data = self.work / "data"
+        self.config = ROOT / "configs" / f"{options.preset}.yaml"
+
+    # --- running --------------------------------------------------------------------------
+    def run(self) -> dict:
+        wanted = self.o.stages or STAGES
+        for name in STAGES:
+            if name not in wanted or (name == "recipe" and not self.o.corpus):
+                continue
+            print(f"gpu-check: {name} ...", flush=True)
+            start = time.perf_counter()
+            try:
+                result = getattr(self, "stage_" + name.replace("-", "_"))()
+            except Exception as e:  # a failed stage is reported; the others still run
+                result = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                          "traceback": traceback.format_exc()[-4000:]}
+            result["seconds"] = round(time.perf_counter() - start, 1)
+            self.results["stages"][name] = result
+            print(f"gpu-check: {name} {'passed' if result.get('ok') else 'FAILED'} in {result['seconds']} s"
+                  + ("" if result.get("ok") else f": {result.get('error', result.get('why', ''))}"), flush=True)
+            self.write()
+        self.results["ok"] = all(r.get("ok") for r in self.results["stages"].values())
+        self.write()
+        if (self.work / "runs").is_dir():
+            self.keep_metrics()
+        return self.results
+
+    def write(self) -> None:
+        text = json.dumps(self.results, indent=1, default=str)
+        atomic_write(self.work / "gpu_check.json", lambda f: f.write(text.encode()))
+
+    def keep_metrics(self) -> None:
+        """Every run's metrics.csv beside the logs (logs/RUN-version_N.csv), for a look afterwards."""
+        (self.work / "logs").mkdir(exist_ok=True)
+        for path in (self.work / "runs").glob("*/logs/version_*/metrics.csv"):
+            run = path.parents[2].name
+            (self.work / "logs" / f"{run}-{path.parent.name}.csv").write_bytes(path.read_bytes())
+
+    def bertpre(self, *args: str, env: dict | None = None, log: str | None = None,
+                timeout: float | None = None) -> subprocess.CompletedProcess:
+        """A ``bertpre`` command in a fresh process, as a user runs it; its output goes to logs/."""
+        command = [sys.executable, "-c", "from bertpre.cli import main; main()", *args]
+        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, **(env or {})},
+                              timeout=timeout)
+        if log:
+            (self.work / "logs").mkdir(exist_ok=True)
+            (self.work / "logs" / f"{log}.log").write_text(f"$ bertpre {' '.join(args)}\n{done.stdout}\n{done.stderr}")
+        return done
+
+    # --- stages ---------------------------------------------------------------------------
+    def stage_environment(self) -> dict:
+        info = {"ok": True, "python": platform.python_version(), "torch": torch.__version__,
+                "cuda": torch.version.cuda, "device": self.device.type}
+        if self.device.type == "cuda":
+            props = torch.cuda.get_device_properties(self.device)
+            info.update(gpu=props.name, memory_gb=round(props.total_memory / 2**30, 1),
+                        capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+        for package in ("lightning", "transformers", "tokenizers", "datasets"):
+            try:
+                info[package] = __import__(package).__version__
+            except Exception as e:  # reported, not fatal: the stages that need it will say so
+                info[package] = f"missing ({type(e).__name__})"
+        if self.o.miniature:
+            info["miniature"] = True
+        return info
+
+    def stage_prepare(self) -> dict:
+        vocab = str(self.o.vocab_size)
+        done = self.bertpre("prepare", "--input", *self.o.inputs, "--output", str(self.data), "--vocab-size", vocab,
+                            "--max-seq-length", str(self.o.seq_length), "--overwrite", log="prepare")
+        if done.returncode:
+            return {"ok": False, "error": _last_line(done)}
+        splits = json.loads((self.data / "prepare.json").read_text())["splits"]
+        return {"ok": True, "splits": splits}
+
+    def train_args(self, run: str, steps: int, *extra: str) -> list[str]:
+        """``bertpre train`` with the shipped config, this check's data, steps and run folder; a checkpoint
+        at the middle and the end of the run, a loss logged every 10 steps."""
+        overlay = self.work / "checkpoints.yaml"
+        overlay.write_text(yaml.safe_dump({"trainer": {"callbacks": [{
+            "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+            "init_args": {"every_n_train_steps": max(1, steps // 2), "save_last": True, "save_top_k": -1}}]}}))
+        args = ["train", "--config", str(self.config), "--config", str(overlay), "--data.path", str(self.data),
+                "--trainer.default_root_dir", str(self.work / "runs" / run), "--trainer.max_steps", str(steps),
+                "--trainer.val_check_interval", str(steps), "--trainer.limit_val_batches", "4",
+                "--trainer.log_every_n_steps", "10" if steps >= 40 else "2", "--trainer.enable_progress_bar", "false",
+                "--data.batch_size", str(self.o.batch_size), "--data.num_workers", str(self.o.num_workers),
+                "--overwrite", "true"]
+        if self.o.miniature:
+            args += MINIATURE_MODEL + ["--trainer.accelerator", "cpu", "--trainer.devices", "1"]
+        return args + list(extra)
+
+    def _training_result(self, run: str, done: subprocess.CompletedProcess, steps: int) -> dict:
+        if done.returncode:
+            return {"ok": False, "error": _last_line(done)}
+        metrics = read_metrics(self.work / "runs" / run)
+        losses = series(metrics, "train/loss")
+        result = {"steps": steps, "loss_first": losses[0][1] if losses else None,
+                  "loss_last": losses[-1][1] if losses else None, **throughput(metrics)}
+        finite = bool(losses) and all(math.isfinite(v) for _, v in losses)
+        falling = bool(losses) and _mean_tail(losses, last=False) > _mean_tail(losses, last=True)
+        result.update(loss_finite=finite, loss_falling=falling, ok=finite and falling and f"trained {steps} steps"
+                      in done.stdout)
+        val = {k: v[-1][1] for k in ("val/mlm_accuracy", "val/mlm_context_gain") if (v := series(metrics, k))}
+        result.update(val)
+        return result
+
+    def stage_eager(self) -> dict:
+        done = self.bertpre(*self.train_args("eager", self.o.steps, "--model.compile", "false"), log="eager")
+        return self._training_result("eager", done, self.o.steps)
+
+    def stage_compiled(self) -> dict:
+        env = {"TORCH_LOGS": "recompiles,graph_breaks"}
+        done = self.bertpre(*self.train_args("compiled", self.o.steps, "--model.compile", "true"), env=env,
+                            log="compiled")
+        result = self._training_result("compiled", done, self.o.steps)
+        result["graph_breaks"] = done.stderr.count("Graph break")
+        # one graph per (grad mode: training / validation) x (a padding mask or none) is by design: each
+        # is compiled once; any other guard failure (a shape, a dtype) is a recompile the step should not need
+        reasons = re.findall(r"\[__recompiles\]\s+- \d+/\d+: (.*)", done.stderr)  # each failed guard
+        result["recompiles"] = done.stderr.count("Recompiling function")
+        result["unexpected_recompiles"] = sum(not ("attention_mask" in r or "grad_mode" in r) for r in reasons)
+        eager = self.results["stages"].get("eager", {})
+        if eager.get("tokens_per_sec") and result.get("tokens_per_sec"):
+            result["speedup_over_eager"] = round(result["tokens_per_sec"] / eager["tokens_per_sec"], 3)
+        return result
+
+    def stage_resume(self) -> dict:
+        steps, run = self.o.steps, "killed"
+        directory = self.work / "runs" / run / "checkpoints"
+        args = self.train_args(run, steps, "--model.compile", "false")
+        process = subprocess.Popen([sys.executable, "-c", "from bertpre.cli import main; main()", *args],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        middle = f"step={steps // 2}"
+        while process.poll() is None and not any(middle in p.name for p in directory.glob("*.ckpt")):
+            time.sleep(0.05)
+        if process.poll() is not None:
+            return {"ok": False, "error": f"the run ended (status {process.returncode}) before it was killed"}
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        killed_at = max((int(p.stem.split("step=")[1]) for p in directory.glob("*step=*.ckpt")), default=0)
+        done = self.bertpre(*args, "--ckpt_path", "last", log="resumed")
+        if done.returncode:
+            return {"ok": False, "error": _last_line(done)}
+        reference = dict(series(read_metrics(self.work / "runs" / "eager"), "train/loss"))
+        versions = [series(rows, "train/loss") for rows in read_metrics_versions(self.work / "runs" / run)]
+        if len(versions) < 2:
+            return {"ok": False, "error": f"expected the killed and the resumed run's logs, found {len(versions)}"}
+        before = [(s, v, reference[s]) for s, v in versions[0] if s in reference]  # the killed process's
+        pairs = [(s, v, reference[s]) for s, v in versions[-1] if s in reference]  # the resumed process's
+        if not pairs:
+            return {"ok": False, "error": "no loss of the resumed run to compare (did the eager stage run?)"}
+        worst = max(abs(v - r) / abs(r) for _, v, r in pairs)
+        tolerance = RESUME_TOLERANCE[self.device.type]
+        return {"ok": worst <= tolerance and f"trained {steps} steps" in done.stdout, "killed_at_step": killed_at,
+                "compared_steps": len(pairs), "max_relative_loss_difference": worst, "tolerance": tolerance,
+                # two runs of the same steps without any resume: the noise floor of this device
+                "before_kill_max_relative_difference": max((abs(v - r) / abs(r) for _, v, r in before), default=None),
+                "losses": [[s, round(v, 5), round(r, 5)] for s, v, r in pairs],
+                "losses_before_kill": [[s, round(v, 5), round(r, 5)] for s, v, r in before]}
+
+    def stage_fp16(self) -> dict:
+        steps = self.o.fp16_steps
+        extra = ["--model.nonfinite", "skip", "--model.compile", "false"]
+        if self.device.type == "cuda":
+            extra += ["--trainer.precision", "16-mixed"]
+        else:  # Lightning turns 16-mixed into bf16 on a CPU: a GradScaler plugin instead, as on CUDA
+            overlay = self.work / "fp16.yaml"
+            overlay.write_text(yaml.safe_dump({"trainer": {"precision": None, "plugins": [
+                {"class_path": "lightning.pytorch.plugins.precision.MixedPrecision",
+                 "init_args": {"precision": "16-mixed", "device": "cpu"}}]}}))
+            extra += ["--config", str(overlay)]
+        done = self.bertpre(*self.train_args("fp16", steps, *extra), log="fp16")
+        if done.returncode:
+            return {"ok": False, "error": _last_line(done)}
+        losses = series(read_metrics(self.work / "runs" / "fp16"), "train/loss")
+        finite = bool(losses) and all(math.isfinite(v) for _, v in losses)
+        return {"ok": finite and f"trained {steps} steps" in done.stdout, "steps": steps, "loss_finite": finite,
+                "skipped_lines": done.stdout.count("batch skipped")}
+
+    def _bench(self, compile: bool) -> dict:
+        from bertpre.bench import BenchOptions, run_bench
+
+        options = BenchOptions(preset="bert-tiny" if self.o.miniature else self.o.preset,
+                               batch_size=self.o.batch_size, seq_length=self.o.seq_length,
+                               vocab_size=self.o.vocab_size, steps=self.o.bench_steps, warmup=3,
+                               precision="bf16", compile=compile)
+        result = run_bench(options)
+        return {"ok": True, "speedup": result["speedup"], **result["frameworks"], "machine": result["machine"]}
+
+    def stage_bench(self) -> dict:
+        return self._bench(compile=False)
+
+    def stage_bench_compiled(self) -> dict:
+        return self._bench(compile=True)
+
+    def stage_attention(self) -> dict:
+        """SDPA forward + backward at the preset's attention shape: no mask (Flash where it runs),
+        and a padding mask (the kernel a padded batch gets)."""
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        from bertpre.model import BertConfig
+
+        config = BertConfig.from_preset(self.o.preset)
+        heads, size = (2, 32) if self.o.miniature else (config.num_heads, config.hidden_size // config.num_heads)
+        B, T = self.o.batch_size, self.o.seq_length
+        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
+        q, k, v = (torch.randn(B, heads, T, size, device=self.device, dtype=dtype, requires_grad=True)
+                   for _ in range(3))
+        mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device=self.device)
+        mask[: B // 2, ..., -T // 8:] = False  # half the rows padded by an eighth
+        cases = {"no mask (default choice)": (None, None), "padding mask (default choice)": (mask, None)}
+        if self.device.type == "cuda":
+            cases.update({"no mask, Flash": (None, SDPBackend.FLASH_ATTENTION),
+                          "no mask, memory-efficient": (None, SDPBackend.EFFICIENT_ATTENTION),
+                          "padding mask, memory-efficient": (mask, SDPBackend.EFFICIENT_ATTENTION)})
+        timings = {}
+        for name, (m, backend) in cases.items():
+            def step(m=m):
+                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.1)
+                out.sum().backward()
+            try:
+                if backend is None:
+                    timings[name] = _time(step, self.device)
+                else:
+                    with sdpa_kernel([backend]):
+                        timings[name] = _time(step, self.device)
+            except RuntimeError as e:
+                timings[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+        return {"ok": True, "shape": [B, heads, T, size], "dtype": str(dtype), "ms": timings}
+
+    def stage_large(self) -> dict:
+        from bertpre.bench import BenchOptions, _build
+        from bertpre.model import BertConfig
+        from bertpre.throughput import model_flops_per_token, peak_flops
+
+        rows, largest = [], None
+        config = BertConfig.from_preset(self.o.large_preset, vocab_size=self.o.vocab_size)
+        if self.o.miniature:
+            config = BertConfig(vocab_size=self.o.vocab_size, **MINIATURE_LARGE)
+        peak, _ = peak_flops(self.device, "bf16-mixed")
+        for batch in self.o.large_batch_sizes:
+            options = BenchOptions(preset=self.o.large_preset, batch_size=batch, seq_length=self.o.seq_length,
+                                   vocab_size=self.o.vocab_size, precision="bf16")
+            try:
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+                    torch.cuda.reset_peak_memory_stats(self.device)
+                step = _build("bertpre", options, self.device, config=config)[1]  # the step holds the model
+                seconds = _time(step, self.device, repeats=3 if self.o.miniature else 5)
+            except torch.cuda.OutOfMemoryError:
+                rows.append({"batch_size": batch, "fits": False})
+                break
+            finally:
+                step = None  # frees the model and its optimizer before the next size
+            tokens = batch * self.o.seq_length / (seconds / 1000)
+            row = {"batch_size": batch, "fits": True, "ms_per_step": round(seconds, 1), "tokens_per_sec": round(tokens)}
+            if peak:
+                row["mfu"] = round(tokens * model_flops_per_token(config, self.o.seq_length) / peak, 4)
+            if self.device.type == "cuda":
+                row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 1)
+            rows.append(row)
+            largest = batch
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        return {"ok": largest is not None, "preset": self.o.large_preset, "largest_batch": largest, "rows": rows}
+
+    def stage_recipe(self) -> dict:
+        data = self.work / "recipe-data"
+        done = self.bertpre("prepare", "--input", *self.o.corpus, "--output", str(data), "--vocab-size",
+                            "1024" if self.o.miniature else "8192", "--max-seq-length", "64", "--overwrite",
+                            log="recipe-prepare")
+        if done.returncode:
+            return {"ok": False, "error": _last_line(done)}
+        minutes = self.o.recipe_minutes
+        seconds = max(1, round(60 * minutes))
+        args = ["train", "--config", str(ROOT / "configs" / "bert-mini-cpu.yaml"), "--data.path", str(data),
+                "--trainer.default_root_dir", str(self.work / "runs" / "recipe"),
+                "--trainer.max_time", f"00:00:{seconds // 60:02d}:{seconds % 60:02d}",
+                "--trainer.enable_progress_bar", "false", "--data.num_workers", str(self.o.num_workers),
+                "--overwrite", "true"]
+        if self.device.type == "cuda":
+            args += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
+                     "--trainer.val_check_interval", "2000"]
+        else:
+            args += MINIATURE_MODEL + ["--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "2"]
+        done = self.bertpre(*args, log="recipe")
+        if done.returncode:
+            return {"ok": False, "error": _last_line(done)}
+        metrics = read_metrics(self.work / "runs" / "recipe")
+        curve = [(s, v) for s, v in series(metrics, "val/mlm_accuracy")]
+        gains = dict(series(metrics, "val/mlm_context_gain"))
+        steps = max((s for s, _ in series(metrics, "train/loss")), default=0) + 1
+        return {"ok": bool(curve), "minutes": minutes, "steps": steps, **throughput(metrics),
+                "val_curve": [[s, round(v, 4), round(gains.get(s, float("nan")), 4)] for s, v in curve],
+                "val_mlm_accuracy": curve[-1][1] if curve else None,
+                "val_mlm_context_gain": gains.get(curve[-1][0]) if curve else None}
+
+
+# --- helpers ------------------------------------------------------------------------------------
+def _time(step: Callable[[], None], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
+    """Median milliseconds of ``step`` after ``warmup`` calls, each timed between device syncs."""
+    for _ in range(warmup):
+        step()
+    times = []
+    for _ in range(repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(1000 * (time.perf_counter() - start))
+    return round(statistics.median(times), 3)
+
+
+def read_metrics_versions(run: Path) -> list[list[dict]]:
+    """The rows of each logs/version_N/metrics.csv of a run folder (one per process that trained it)."""
+    files = sorted(run.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
+    versions = []
+    for path in files:
+        with open(path, newline="") as f:
+            versions.append(list(csv.DictReader(f)))
+    return versions
+
+
+def read_metrics(run: Path) -> list[dict]:
+    return [row for rows in read_metrics_versions(run) for row in rows]
+
+
+def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    """(step, value) of every logged value of ``key``, in logging order (a resumed run's after its first)."""
+    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
+
+
+def throughput(rows: list[dict]) -> dict:
+    """Median of the logged windows: tokens/s, MFU, peak memory (the largest)."""
+    out = {}
+    for key, name in (("perf/tokens_per_sec", "tokens_per_sec"), ("perf/mfu", "mfu"),
+                      ("perf/padding_share", "padding_share")):
+        values = [v for _, v in series(rows, key)]
+        if values:
+            out[name] = round(statistics.median(values), 4 if name != "tokens_per_sec" else None)
+    memory = [v for _, v in series(rows, "perf/peak_memory_gb")]
+    if memory:
+        out["peak_memory_gb"] = round(max(memory), 2)
+    return out
+
+
+def _mean_tail(losses: list[tuple[int, float]], last: bool) -> float:
+    part = max(1, len(losses) // 4)
+    values = [v for _, v in (losses[-part:] if last else losses[:part])]
+    return sum(values) / len(values)
+
+
+def _last_line(done: subprocess.CompletedProcess) -> str:
+    lines = [line for line in (done.stderr or done.stdout or "").strip().splitlines() if line.strip()]
+    return f"exit status {done.returncode}: {lines[-1] if lines else 'no output'}"
+
+
+def format_table(results: dict) -> str:
+    lines = []
+    env = results["stages"].get("environment", {})
+    lines.append(f"machine: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, CUDA {env.get('cuda')}")
+    lines.append(f"{'stage':<16}{'ok':<5}{'s':>7}  figures")
+    for name, r in results["stages"].items():
+        figures = []
+        for key in ("tokens_per_sec", "mfu", "peak_memory_gb", "loss_first", "loss_last", "speedup_over_eager",
+                    "graph_breaks", "recompiles", "unexpected_recompiles", "max_relative_loss_difference",
+                    "before_kill_max_relative_difference", "killed_at_step", "speedup",
+                    "largest_batch", "val_mlm_accuracy", "val_mlm_context_gain", "steps", "error"):
+            if key in r and r[key] is not None:
+                value = r[key]
+                figures.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
+        if name.startswith("bench") and "bertpre" in r:
+            figures.append(f"bertpre {r['bertpre']['tokens_per_s']} tok/s, mfu {r['bertpre']['mfu']}, "
+                           f"{r['bertpre']['peak_memory_mb']} MB; transformers {r['transformers']['tokens_per_s']} "
+                           f"tok/s, {r['transformers']['peak_memory_mb']} MB")
+        if name == "attention":
+            figures.append("; ".join(f"{k} {v}" for k, v in r.get("ms", {}).items()))
+        lines.append(f"{name:<16}{'yes' if r.get('ok') else 'NO':<5}{r.get('seconds', 0):>7}  {', '.join(figures)}")
+    return "\n".join(lines)
+
+
+def run_gpu_check(options: GpuCheckOptions) -> dict:
+    if not (ROOT / "configs").is_dir():
+        raise UserError(f"configs/ not found beside the bertpre package ({ROOT}): run gpu-check from a checkout "
+                        "of the repository")
+    if options.steps < 4 or options.steps % 2:
+        raise UserError(f"--steps must be an even number of at least 4, got {options.steps}")
+    for path in [*options.inputs, *(options.corpus or [])]:
+        if not Path(path).exists():
+            raise UserError(f"{'--input' if path in options.inputs else '--corpus'} {path}: not found")
+    unknown = [s for s in options.stages if s not in STAGES]
+    if unknown:
+        raise UserError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    check_replaceable(options.output, options.overwrite, "folder")
+    options.output.mkdir(parents=True, exist_ok=True)
+    check = Check(options)
+    results = check.run()
+    (options.output / "gpu_check.txt").write_text(format_table(results) + "\n")
+    return results

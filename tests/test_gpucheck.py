@@ -1,0 +1,74 @@
+"""`bertpre gpu-check`: the GPU acceptance run, here in miniature on CPU (every stage the GPU runs,
+with tiny models), so that on a GPU only the GPU can fail; and the compiled Lightning step."""
+
+import json
+
+import pytest
+from conftest import ROOT, SAMPLE
+
+from bertpre.cli import main
+
+
+def error_line(capsys, *args) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["gpu-check", *args])
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_bad_options_get_one_line(tmp_path, capsys):
+    assert error_line(capsys, "--output", str(tmp_path / "a"), "--steps", "7") == \
+        "bertpre gpu-check: error: --steps must be an even number of at least 4, got 7"
+    assert error_line(capsys, "--output", str(tmp_path / "b"), "--input", str(tmp_path / "missing.txt")) == \
+        f"bertpre gpu-check: error: --input {tmp_path / 'missing.txt'}: not found"
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "notes.txt").write_text("mine")
+    assert error_line(capsys, "--output", str(busy)) == \
+        f"bertpre gpu-check: error: --output {busy} exists and is not empty (use --overwrite to replace it)"
+    assert (busy / "notes.txt").read_text() == "mine"
+
+
+@pytest.mark.slow  # about 2 minutes on 2 cores (two compiles)
+def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
+    books = [str(SAMPLE / "carroll-alice.txt"), str(SAMPLE / "austen-persuasion.txt")]
+    out = tmp_path / "check"
+    main(["gpu-check", "--miniature", "--output", str(out), "--input", *books, "--corpus", *books,
+          "--recipe-minutes", "0.2"])
+    printed = capsys.readouterr().out
+    results = json.loads((out / "gpu_check.json").read_text())
+    failed = {k: v.get("error") for k, v in results["stages"].items() if not v.get("ok")}
+    assert results["ok"] and not failed, failed
+    assert set(results["stages"]) == {"environment", "prepare", "eager", "compiled", "resume", "fp16", "bench",
+                                      "bench-compiled", "attention", "large", "recipe"}
+    stages = results["stages"]
+    for name in ("eager", "compiled"):
+        assert stages[name]["loss_finite"] and stages[name]["loss_falling"] and stages[name]["tokens_per_sec"] > 0
+    assert stages["compiled"]["graph_breaks"] == 0 and stages["compiled"]["unexpected_recompiles"] == 0
+    assert stages["resume"]["max_relative_loss_difference"] == 0.0, "a CPU resume is exact"
+    assert stages["large"]["largest_batch"] == 8 and stages["bench"]["speedup"] > 0
+    assert stages["recipe"]["val_mlm_accuracy"] is not None
+    assert (out / "gpu_check.txt").read_text().splitlines()[1].startswith("stage")
+    assert "recipe" in printed and "resume" in printed
+
+
+@pytest.mark.slow  # 30-60 s: compiles on CPU (inductor)
+def test_the_lightning_step_compiles_without_graph_breaks_or_shape_recompiles(sample_prepared, tmp_path):
+    """The training step as `bertpre train` runs it, compiled: bf16 autocast, two accumulated
+    micro-batches, activation checkpointing, a validation in the middle and at the end. One graph
+    per grad mode (training, validation) and per attention-mask form (a padded batch, one without
+    padding): at most 4 graphs, no graph break, and nothing else makes dynamo compile again."""
+    import torch
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+          "--trainer.default_root_dir", str(tmp_path / "run"), "--model.compile", "true",
+          "--model.activation_checkpointing", "true", "--trainer.precision", "bf16-mixed",
+          "--trainer.accumulate_grad_batches", "2", "--trainer.max_steps", "8", "--trainer.val_check_interval", "8",
+          "--trainer.limit_val_batches", "3", "--data.batch_size", "8", "--trainer.enable_progress_bar", "false",
+          "--model.config.hidden_size", "32", "--model.config.num_heads", "2", "--model.config.intermediate_size",
+          "64", "--trainer.num_sanity_val_steps", "2"])
+    assert not counters["graph_break"], dict(counters["graph_break"])
+    assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
