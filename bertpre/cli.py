@@ -377,7 +377,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     commands = {"prepare": run_prepare, "tokenizer": run_tokenizer, "combine": run_combine, "inspect": run_inspect,
-                "train": run_train, "bench": run_bench, "gpu-check": run_gpu_check, "export": run_export, "import": run_import,
+                "train": run_train, "bench": run_bench, "gpu-check": run_gpu_check, "export": run_export,
+                "import": run_import,
                 "finetune": run_finetune, "predict": run_predict}
     if not argv:  # a command is required: usage on stderr, exit 2 (like argparse)
         print(USAGE, file=sys.stderr, end="")

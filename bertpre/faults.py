@@ -44,9 +44,40 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         a bert-large training checkpoint is about 4 GB); a failed write (a full disk) is an OSError,
         which leaves no temporary file and the previous checkpoints as they were."""
         try:
-            atomic_write(path, lambda f: torch.save(checkpoint, f), what=f"checkpoint {path}")
+            atomic_write(path, lambda f: _stream(checkpoint, f), what=f"checkpoint {path}")
         except UserError as e:
             raise UserError(f"{e}; the previous checkpoints are intact") from None
+
+
+class _WriteErrors:
+    """A file for ``torch.save`` that remembers a failed write: torch's writer does not pass the
+    OSError of a full disk on, it fails later with an unrelated RuntimeError."""
+
+    def __init__(self, file) -> None:
+        self.file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _stream(checkpoint: dict[str, Any], file) -> None:
+    """``torch.save`` into ``file`` record by record; a failed write raises its own OSError."""
+    writer = _WriteErrors(file)
+    try:
+        torch.save(checkpoint, writer)
+    except RuntimeError:
+        if writer.error is not None:
+            raise writer.error from None
+        raise
+    if writer.error is not None:
+        raise writer.error
 
 
 def resolve_ckpt_path(ckpt_path: str | None, directory: Path) -> str | None:
@@ -223,7 +254,8 @@ class RunFolderCheck(L.Callback):
         if trainer.world_size > 1:
             first = trainer.strategy.broadcast(self.view, src=0)
             if not trainer.strategy.reduce_boolean_decision(first == self.view, all=True):
-                seen = "" if first == self.view else f"; this rank (rank {trainer.global_rank}) sees {_described(self.view)}"
+                rank = trainer.global_rank
+                seen = "" if first == self.view else f"; this rank (rank {rank}) sees {_described(self.view)}"
                 raise UserError(f"the ranks see different run folders at trainer.default_root_dir ({self.directory}): "
                                 f"rank 0 sees {_described(first)}{seen}; put the run folder on a file system that "
                                 "every node shares")

@@ -96,8 +96,8 @@ class Check:
     def __init__(self, options: GpuCheckOptions) -> None:
         self.o = options
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.results: dict = {"options": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()},
-                              "stages": {}}
+        given = {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(options).items()}
+        self.results: dict = {"options": given, "stages": {}}
         self.work = options.output
         self.data = self.work / "data"
         self.config = ROOT / "configs" / f"{options.preset}.yaml"
@@ -328,7 +328,21 @@ class Check:
                         timings[name] = _time(step, self.device)
             except RuntimeError as e:
                 timings[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
-        return {"ok": True, "shape": [B, heads, T, size], "dtype": str(dtype), "ms": timings}
+        # the q/k/v projections as the model computes them (one product of the three weights
+        # concatenated) against three separate products, forward + backward
+        hidden = heads * size
+        x = torch.randn(B, T, hidden, device=self.device, dtype=dtype, requires_grad=True)
+        weights = [torch.randn(hidden, hidden, device=self.device, dtype=dtype, requires_grad=True) for _ in range(3)]
+
+        def separate():
+            sum(torch.nn.functional.linear(x, w).sum() for w in weights).backward()
+
+        def fused():
+            torch.nn.functional.linear(x, torch.cat(weights)).sum().backward()
+
+        projections = {"q/k/v separate": _time(separate, self.device), "q/k/v fused": _time(fused, self.device)}
+        return {"ok": True, "shape": [B, heads, T, size], "dtype": str(dtype), "ms": timings,
+                "projections_ms": projections}
 
     def stage_large(self) -> dict:
         from bertpre.bench import BenchOptions, _build
@@ -478,7 +492,8 @@ def format_table(results: dict) -> str:
                            f"{r['bertpre']['peak_memory_mb']} MB; transformers {r['transformers']['tokens_per_s']} "
                            f"tok/s, {r['transformers']['peak_memory_mb']} MB")
         if name == "attention":
-            figures.append("; ".join(f"{k} {v}" for k, v in r.get("ms", {}).items()))
+            timed = {**r.get("ms", {}), **r.get("projections_ms", {})}
+            figures.append("; ".join(f"{k} {v}" for k, v in timed.items()))
         lines.append(f"{name:<16}{'yes' if r.get('ok') else 'NO':<5}{r.get('seconds', 0):>7}  {', '.join(figures)}")
     return "\n".join(lines)
 
