@@ -369,8 +369,8 @@ def run_predict(argv: Sequence[str]) -> None:
 
 # the argparse commands' parsers (train and finetune use LightningCLI), for the docs check
 PARSERS = {"prepare": prepare_parser, "tokenizer": tokenizer_parser, "combine": combine_parser,
-           "inspect": inspect_parser, "bench": bench_parser, "export": export_parser, "import": import_parser,
-           "predict": predict_parser}
+           "inspect": inspect_parser, "bench": bench_parser, "gpu-check": gpu_check_parser, "export": export_parser,
+           "import": import_parser, "predict": predict_parser}
 
 
 def main(argv: Sequence[str] | None = None) -> None:
