@@ -42,10 +42,14 @@ from bertpre.progress import ModelLine, StepProgressBar, quiet_lightning
 
 def connect(model, data) -> None:
     """The one place where data and model meet (both commands): pretraining takes the vocabulary,
-    sequence length and tokenizer from the prepared data; fine-tuning exchanges the tokenizer and
+    sequence length and tokenizer from the prepared data (and a compiled model has every batch
+    padded to that length); fine-tuning exchanges the tokenizer and
     the task's labels. Call it before ``trainer.fit(model, data)`` when using the classes directly."""
     if isinstance(model, PretrainModule):
-        model.use_data(data.prepare())
+        prepared = data.prepare()
+        model.use_data(prepared)
+        if model.compile_model:  # one padded length for every batch: a compiled model is never recompiled for it
+            data.pad_to_multiple_of = prepared.max_seq_length
     else:
         from bertpre.finetune import connect as connect_task
 

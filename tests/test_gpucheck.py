@@ -72,3 +72,24 @@ def test_the_lightning_step_compiles_without_graph_breaks_or_shape_recompiles(sa
           "64", "--trainer.num_sanity_val_steps", "2"])
     assert not counters["graph_break"], dict(counters["graph_break"])
     assert 1 <= counters["stats"]["unique_graphs"] <= 4, dict(counters["stats"])
+
+
+def test_a_compiled_model_gets_every_batch_padded_to_the_full_length(sample_prepared):
+    """Batches padded to their longest pair (rounded up to 8) vary in length, and each new length
+    recompiles a compiled model; compiled, every batch is padded to the prepared length."""
+    from bertpre.data import PretrainDataModule
+    from bertpre.model import BertConfig
+    from bertpre.pretraining import PretrainModule
+    from bertpre.train import connect
+
+    config = BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
+    full = PretrainDataModule(str(sample_prepared)).prepare().max_seq_length
+    for compile in (False, True):
+        data = PretrainDataModule(str(sample_prepared), batch_size=1)  # single pairs: short ones come up
+        connect(PretrainModule(config, compile=compile), data)
+        data.setup("fit")
+        lengths = {batch["input_ids"].shape[1] for _, batch in zip(range(60), data.train_dataloader())}
+        if compile:
+            assert data.pad_to_multiple_of == full and lengths == {full}, lengths
+        else:
+            assert data.pad_to_multiple_of == 8 and len(lengths) > 1, lengths
