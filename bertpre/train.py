@@ -92,7 +92,14 @@ class BertpreCLI(LightningCLI):
                                  "(without it such a folder is refused unless --ckpt_path resumes it)")
 
     def instantiate_trainer(self, **kwargs):
-        check_strategy(self._get(self.config_init, "trainer.strategy"))
+        strategy = self._get(self.config_init, "trainer.strategy")
+        check_strategy(strategy)
+        if strategy == "ddp":
+            # gradients as views into DDP's all-reduce buckets: no copy of every gradient into the buckets
+            # and back each step, and one gradient-sized buffer less (a user's own DDPStrategy is kept)
+            from lightning.pytorch.strategies import DDPStrategy
+
+            kwargs["strategy"] = DDPStrategy(gradient_as_bucket_view=True)
         root = Path(self._get(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
         plugins = self._get(self.config_init, "trainer.plugins") or []

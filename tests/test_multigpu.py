@@ -193,3 +193,45 @@ def test_a_training_step_reads_nothing_from_the_device_and_logs_no_python_number
     # the throughput windows end at steps 9 (the first: skipped, nothing read) and 19 (one read)
     assert list(busy) == [19] and sum(busy[19].values()) == 1, busy
     assert logged and all(t is torch.Tensor for _, t in logged), sorted(set(logged))
+
+
+BUCKET_VIEW = """
+import sys
+import lightning as L
+from bertpre.cli import main
+from bertpre.train import BertpreCLI
+
+class Look(L.Callback):
+    def on_train_start(self, trainer, module):
+        print("gradient_as_bucket_view", trainer.strategy.model.gradient_as_bucket_view)
+
+original = BertpreCLI.instantiate_trainer
+
+def with_look(self, **kwargs):
+    trainer = original(self, **kwargs)
+    trainer.callbacks.append(Look())
+    return trainer
+
+BertpreCLI.instantiate_trainer = with_look
+main(sys.argv[1:])
+"""
+
+
+def test_ddp_keeps_gradients_as_views_into_its_buckets(sample_prepared, tmp_path):
+    """`--trainer.strategy ddp` gets DDP with gradient_as_bucket_view (no copy of every gradient into
+    the all-reduce buckets and back each step); one process over gloo trains with it (in a process of
+    its own: a process group and Lightning's DDP environment variables must not outlive it)."""
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    done = subprocess.run(
+        [sys.executable, "-c", BUCKET_VIEW, "train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"),
+         "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(tmp_path / "run"),
+         "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.accelerator", "cpu",
+         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+         "--model.config.hidden_size", "32", "--model.config.num_heads", "2"],
+        capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "gradient_as_bucket_view True" in done.stdout and "trained 2 steps" in done.stdout
