@@ -231,7 +231,7 @@ def collate(rows, pad_id: int) -> dict[str, torch.Tensor]:
 # Fine-tuning learning rate by encoder width: small BERTs want a larger rate than BERT-base's
 # 2e-5..5e-5 (Devlin et al. 2019). Google's compact BERTs (Turc et al. 2019, "Well-Read Students
 # Learn Better") were fine-tuned with the best of 3e-4, 1e-4, 5e-5, 3e-5. Measured for bert-mini
-# on SST-2 2,000-sentence subsets (docs/experiments/transfer-mini): 3e-4 beat 1e-4 and 5e-5, from
+# on SST-2 2,000-sentence subsets (studies/transfer-mini): 3e-4 beat 1e-4 and 5e-5, from
 # pretrained and from random weights. Hidden 512 (bert-small, -medium): unmeasured, 1e-4.
 FINETUNE_LEARNING_RATES = ((256, 3e-4), (512, 1e-4), (None, 5e-5))  # (up to this hidden size, rate)
 

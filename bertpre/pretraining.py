@@ -349,7 +349,7 @@ class PretrainModule(L.LightningModule):
                 print(f"bertpre: warning: step {trainer.global_step} ({100 * share:.0f}% "
                       f"of the run): val/mlm_context_gain {float(gain):.3f} (below model.plateau_min_gain "
                       f"{self.plateau_min_gain}): the model barely uses context, the MLM plateau; it needs more "
-                      "steps or another recipe (docs/experiments/results.md, Learning)", file=sys.stderr, flush=True)
+                      "steps or another recipe (docs/results.md, Learning)", file=sys.stderr, flush=True)
 
     def _run_share(self) -> float | None:
         """The share of the run done: of trainer.max_steps, else of trainer.max_time; None if unbounded."""

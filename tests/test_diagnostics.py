@@ -1,6 +1,6 @@
 """The diagnostic scripts behind the README's "Does pretraining help?" figures."""
 
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
@@ -13,14 +13,11 @@ SST2 = SHARED_DATA / "tasks" / "sst2"
 
 
 def load_script(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "data_prep" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module(f"studies.{name}")
 
 
 def run_script(name: str, *args: str) -> str:
-    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / f"{name}.py"), *args],
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / f"{name}.py"), *args],
                           capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-2000:]
     return done.stdout
@@ -61,7 +58,7 @@ def test_context_probe_script_reports_both_accuracies(sample_checkpoint, sample_
 
 
 def test_scripts_report_bad_input_in_one_line(tmp_path):
-    scripts = [subprocess.Popen([sys.executable, str(ROOT / "data_prep" / f"{name}.py"), *args],
+    scripts = [subprocess.Popen([sys.executable, str(ROOT / "studies" / f"{name}.py"), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for name, args in (("linear_probe", (str(tmp_path / "missing.ckpt"), "train.tsv", "dev.tsv")),
                                   ("mlm_context_probe", (str(tmp_path / "missing.ckpt"), str(tmp_path))))]
@@ -82,7 +79,7 @@ def test_context_probe_random_init_baseline_has_isotropic_embeddings(sample_chec
 
 
 def test_context_probe_refuses_data_of_another_vocabulary(sample_checkpoint, gutenberg_prepared):
-    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "mlm_context_probe.py"), str(sample_checkpoint),
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "mlm_context_probe.py"), str(sample_checkpoint),
                            str(gutenberg_prepared)], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (
@@ -102,7 +99,7 @@ def test_linear_probe_names_a_missing_label_column(sample_checkpoint):
     if not SST2.is_dir():
         pytest.skip("../shared/data is not present")
     dev = str(SST2 / "dev.tsv")
-    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "linear_probe.py"), str(sample_checkpoint), dev, dev,
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "linear_probe.py"), str(sample_checkpoint), dev, dev,
                            "--label-column", "polarity"], capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 1
     assert done.stderr.strip().splitlines()[-1] == (

@@ -12,7 +12,8 @@ from conftest import ROOT
 
 from bertpre.cli import PARSERS, main
 
-DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), ROOT / "data_prep" / "README.md"]
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md")), *sorted((ROOT / "studies").rglob("*.md")),
+        ROOT / "data_prep" / "README.md"]
 
 
 def documented_commands() -> list[tuple[str, list[str]]]:
@@ -54,3 +55,16 @@ def test_a_documented_command_parses(where, args, tmp_path, monkeypatch, capsys)
     else:
         assert command in PARSERS, f"{where}: unknown command"
         PARSERS[command]().parse_args(rest)
+
+
+def test_every_relative_link_in_the_docs_resolves():
+    """Links between the README, docs/, studies/ and data_prep/ point at files that exist (a moved
+    study or doc breaks them)."""
+    broken = []
+    for path in [*DOCS, *sorted((ROOT / "tests").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", path.read_text(encoding="utf-8")):
+            if re.match(r"^[a-z]+:", target) or target.startswith("#"):
+                continue
+            if not (path.parent / target.split("#")[0]).exists():
+                broken.append(f"{path.relative_to(ROOT)}: {target}")
+    assert not broken, broken

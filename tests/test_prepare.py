@@ -376,7 +376,7 @@ def test_bad_scale_options_are_refused(tmp_path):
 
 @pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
 def test_the_prepare_benchmark_runs(tmp_path):
-    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "bench_prepare.py"), "--corpus", str(SAMPLE),
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "bench_prepare.py"), "--corpus", str(SAMPLE),
                            "--repeat", "2", "--num-proc", "1", "--vocab-size", "1000", "--json",
                            str(tmp_path / "bench.json")], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -12,7 +12,7 @@ from conftest import ROOT
 @pytest.mark.slow
 def test_the_recipe_study_runs_an_arm_end_to_end(sample_prepared, tmp_path):
     out = tmp_path / "study"
-    done = subprocess.run([sys.executable, str(ROOT / "data_prep" / "recipe_study.py"), "--data", str(sample_prepared),
+    done = subprocess.run([sys.executable, str(ROOT / "studies" / "recipe_study.py"), "--data", str(sample_prepared),
                            "--arms", "pre-ln", "--minutes", "0.15", "--batch-size", "8", "--val-every", "10",
                            "--val-batches", "2", "--output", str(out), "--runs", str(tmp_path / "runs")],
                           capture_output=True, text=True, timeout=600)
@@ -27,8 +27,7 @@ def test_the_recipe_study_runs_an_arm_end_to_end(sample_prepared, tmp_path):
 def test_the_neighbour_baseline_counts_what_neighbours_tell(sample_prepared):
     """On real prose the two neighbours of a token predict it far better than its frequency; the
     unigram figure is the share of the most frequent train token among the sampled validation tokens."""
-    sys.path.insert(0, str(ROOT / "data_prep"))
-    from neighbour_baseline import neighbour_baseline
+    from studies.neighbour_baseline import neighbour_baseline
 
     from bertpre.dataformat import PreparedData
     from bertpre.tokenizer import special_ids
@@ -48,8 +47,7 @@ def test_the_neighbour_baseline_counts_what_neighbours_tell(sample_prepared):
 def test_each_arm_is_timed_to_googles_final_accuracy_on_its_own_data():
     """A study holding arms on two prepared folders times every arm to the final accuracy of
     Google's arm on the same folder, never on the other one."""
-    sys.path.insert(0, str(ROOT / "data_prep"))
-    from recipe_study import table
+    from studies.recipe_study import table
 
     def arm(name, data, accuracies):
         curve = [{"step": 100 * (i + 1), "tokens": 1e6 * (i + 1), "minutes": 10.0 * (i + 1), "mlm_accuracy": a,
@@ -72,8 +70,7 @@ def test_validation_minutes_come_from_the_logs_wall_clock(tmp_path):
 
     from torch.utils.tensorboard import SummaryWriter
 
-    sys.path.insert(0, str(ROOT / "data_prep"))
-    from recipe_study import validation_minutes
+    from studies.recipe_study import validation_minutes
 
     assert validation_minutes(tmp_path) == {}
     writer = SummaryWriter(str(tmp_path))

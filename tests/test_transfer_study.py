@@ -9,12 +9,11 @@ import pytest
 import torch
 from conftest import ROOT
 
-sys.path.insert(0, str(ROOT / "data_prep"))
 SST2_TRAIN = ROOT.parent / "shared" / "data" / "tasks" / "sst2" / "train.tsv"
 
 
-def run_script(name: str, *argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(ROOT / "data_prep" / name), *argv], capture_output=True, text=True,
+def run_script(path: str, *argv: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / path), *argv], capture_output=True, text=True,
                           timeout=600)
 
 
@@ -24,16 +23,16 @@ def test_task_text_keeps_every_sentence_and_drops_the_labels(tmp_path):
     task = tmp_path / "task.tsv"
     task.write_text("\n".join(rows) + "\n", encoding="utf-8")
     out = tmp_path / "corpus" / "train.txt"
-    done = run_script("task_text.py", str(task), "--output", str(out), "--sentences-per-document", "8")
+    done = run_script("data_prep/task_text.py", str(task), "--output", str(out), "--sentences-per-document", "8")
     assert done.returncode == 0, done.stderr
     documents = [d.splitlines() for d in out.read_text(encoding="utf-8").split("\n\n") if d]
     assert [len(d) for d in documents] == [8] * 6 + [2]
     assert sum(documents, []) == [" ".join(r.split("\t", 1)[1].split()) for r in rows[1:]]
     assert not any(line.startswith(("0\t", "1\t")) for d in documents for line in d)
 
-    again = run_script("task_text.py", str(task), "--output", str(out))
+    again = run_script("data_prep/task_text.py", str(task), "--output", str(out))
     assert again.returncode != 0 and "exists" in again.stderr and out.read_text(encoding="utf-8").count("\n\n") == 7
-    wrong = run_script("task_text.py", str(task), "--output", str(tmp_path / "other.txt"), "--column", "text")
+    wrong = run_script("data_prep/task_text.py", str(task), "--output", str(tmp_path / "other.txt"), "--column", "text")
     assert wrong.returncode != 0 and "no column 'text'" in wrong.stderr and "sentence" in wrong.stderr
 
 
@@ -48,7 +47,7 @@ def study_results(path: Path, checkpoint: str, runs: list[tuple[float, int, bool
 def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options(tmp_path):
     from argparse import Namespace
 
-    from transfer_study import planned, previous_runs
+    from studies.transfer_study import planned, previous_runs
 
     results = study_results(tmp_path / "results.json", "a.ckpt", [(3e-4, 0, False), (3e-4, 0, True), (3e-4, 1, False)])
     options = {"checkpoint": "a.ckpt", "train": "t.tsv", "dev": "d.tsv", "examples": "2000", "epochs": "5",
@@ -88,7 +87,7 @@ def test_resume_runs_only_what_the_earlier_study_lacks_and_refuses_other_options
 def test_dropout_option_is_a_rate_or_the_encoders():
     from argparse import ArgumentTypeError
 
-    from transfer_study import dropout_rate
+    from studies.transfer_study import dropout_rate
 
     assert dropout_rate("0.1") == "0.1" and dropout_rate("0") == "0.0" and dropout_rate("encoder") == "null"
     for bad in ("1", "-0.1", "ten"):
@@ -97,7 +96,7 @@ def test_dropout_option_is_a_rate_or_the_encoders():
 
 
 def test_random_init_runs_are_borrowed_only_from_the_same_architecture_and_tokenizer(sample_checkpoint, tmp_path):
-    from transfer_study import same_start
+    from studies.transfer_study import same_start
 
     same_start(sample_checkpoint, sample_checkpoint, fixed_dropout=False)  # the same start: accepted
 
@@ -138,7 +137,7 @@ def test_the_transfer_study_borrows_random_runs_and_resumes(sample_checkpoint, t
                                                                 "final_accuracy": 0.123, "best_accuracy": 0.123,
                                                                 "seconds": 1.0}]}))
     out = tmp_path / "study"
-    first = run_script("transfer_study.py", str(sample_checkpoint), "--output", str(out), "--seeds", "0",
+    first = run_script("studies/transfer_study.py", str(sample_checkpoint), "--output", str(out), "--seeds", "0",
                        "--random-from", str(earlier / "results.json"), *common)
     assert first.returncode == 0, first.stderr[-2000:]
     runs = json.loads((out / "results.json").read_text())["runs"]
@@ -146,7 +145,7 @@ def test_the_transfer_study_borrows_random_runs_and_resumes(sample_checkpoint, t
     assert runs[1]["final_accuracy"] == 0.123 and runs[1]["from"] == str(earlier / "results.json")
     assert 0 <= runs[0]["final_accuracy"] <= 1 and (tmp_path / "runs" / "pretrained-lr0.0003-0").is_dir()
 
-    second = run_script("transfer_study.py", str(sample_checkpoint), "--output", str(out), "--seeds", "0", "1",
+    second = run_script("studies/transfer_study.py", str(sample_checkpoint), "--output", str(out), "--seeds", "0", "1",
                         "--resume", *common)
     assert second.returncode == 0, second.stderr[-2000:]
     runs = json.loads((out / "results.json").read_text())["runs"]
