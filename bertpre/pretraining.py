@@ -352,15 +352,22 @@ class PretrainModule(L.LightningModule):
                       "steps or another recipe (docs/results.md, Learning)", file=sys.stderr, flush=True)
 
     def _run_share(self) -> float | None:
-        """The share of the run done: of trainer.max_steps, else of trainer.max_time; None if unbounded."""
+        """The share of the run done: of trainer.max_steps or of trainer.max_time, whichever is
+        further along (the one that will end the run); None if neither bounds it."""
         trainer = self.trainer
+        shares = []
         if trainer.max_steps and trainer.max_steps > 0:
-            return trainer.global_step / trainer.max_steps
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None or timer.time_remaining() is None:
-            return None
-        elapsed = timer.time_elapsed()
-        return elapsed / max(elapsed + timer.time_remaining(), 1e-9)
+            shares.append(trainer.global_step / trainer.max_steps)
+        timer = self._timer()
+        if timer is not None:
+            elapsed = timer.time_elapsed()
+            shares.append(elapsed / max(elapsed + timer.time_remaining(), 1e-9))
+        return max(shares) if shares else None
+
+    def _timer(self) -> Timer | None:
+        """Lightning's Timer when trainer.max_time bounds the run (it keeps its time through a resume)."""
+        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
+        return None if timer is None or timer.time_remaining() is None else timer
 
     def on_validation_epoch_end(self) -> None:
         self._log_context_gain()
@@ -387,6 +394,15 @@ class PretrainModule(L.LightningModule):
                                 "(or set model.schedule_by time with trainer.max_time)")
             warmup = max(1, math.ceil(self.warmup_fraction * total))
             multiplier = step_schedule(warmup, total, self.lr_schedule, self.decay_fraction)
+            if self._timer() is not None:
+                # trainer.max_time may end the run before max_steps: the schedule runs on the share of
+                # whichever budget is further along, so a run stopped by the clock has warmed up and
+                # decayed within it (rather than stopping inside a warmup meant for max_steps)
+                multiplier = time_schedule(self._run_share, self.warmup_fraction, self.lr_schedule,
+                                           self.decay_fraction)
+                if self.trainer.is_global_zero:
+                    print("schedule over trainer.max_steps or trainer.max_time, whichever ends the run first",
+                          flush=True)
         optimizer, scheduler = build_optimizer(
             self.model, self.optimizer_name, self.learning_rate, self.weight_decay, self.adam_betas, self.adam_eps,
             0, total, self.optimizer_implementation, multiplier,
@@ -396,8 +412,8 @@ class PretrainModule(L.LightningModule):
     def _time_budget_used(self):
         """() -> the share of trainer.max_time used so far (Lightning's Timer, which a resumed run
         restores), for model.schedule_by time."""
-        timer = next((c for c in self.trainer.callbacks if isinstance(c, Timer)), None)
-        if timer is None or timer.time_remaining() is None:
+        timer = self._timer()
+        if timer is None:
             raise UserError("model.schedule_by time needs trainer.max_time (e.g. --trainer.max_time 00:01:00:00)")
 
         def used() -> float:

@@ -137,9 +137,11 @@ def test_the_time_schedule_follows_the_share_of_the_budget_used():
 
 
 @pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
-def test_a_time_budget_run_ends_its_schedule_within_the_budget(sample_prepared, tmp_path, capsys):
+@pytest.mark.parametrize("schedule_by", ["time", "steps"])
+def test_a_time_budget_run_ends_its_schedule_within_the_budget(sample_prepared, tmp_path, capsys, schedule_by):
     """--trainer.max_time with a huge max_steps used to keep the max_steps schedule (still warming
-    up when time ran out); with model.schedule_by time the LR has decayed to near 0 at the end."""
+    up when time ran out); with model.schedule_by time, and now also with the default (steps) when
+    max_time ends the run first, the LR has decayed to near 0 at the end."""
     import csv
 
     from conftest import ROOT
@@ -150,7 +152,7 @@ def test_a_time_budget_run_ends_its_schedule_within_the_budget(sample_prepared, 
     main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
           "--trainer.default_root_dir", str(run), "--trainer.max_steps", "100000", "--trainer.max_time",
           "00:00:00:15", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-          "--trainer.log_every_n_steps", "1", "--model.schedule_by", "time", "--model.warmup_fraction", "0.1",
+          "--trainer.log_every_n_steps", "1", "--model.schedule_by", schedule_by, "--model.warmup_fraction", "0.1",
           "--data.batch_size", "4"])
     rows = list(csv.DictReader((run / "logs" / "version_0" / "metrics.csv").open()))
     lrs = [float(r["train/lr"]) for r in rows if r.get("train/lr")]
@@ -199,3 +201,32 @@ def test_multi_tensor_lamb_equals_the_per_tensor_rule():
             reference_lamb_step(reference, states, 6e-3, (0.9, 0.999), 1e-6, 0.01)
     for p, r in zip(model.parameters(), reference):
         torch.testing.assert_close(p.detach(), r, rtol=1e-6, atol=1e-6)
+
+
+def test_the_share_of_a_run_is_that_of_the_budget_that_ends_it_first():
+    """The schedule (when trainer.max_time is set beside max_steps) and the plateau check read the
+    share of the run done as the larger of the steps' and the clock's shares."""
+    from types import SimpleNamespace
+
+    from lightning.pytorch.callbacks import Timer
+
+    from bertpre.model import BertConfig
+    from bertpre.pretraining import PretrainModule
+
+    class Clock(Timer):
+        def __init__(self, elapsed, remaining):
+            super().__init__(duration="00:00:01:00")
+            self.elapsed, self.remaining = elapsed, remaining
+
+        def time_elapsed(self, stage="train"):
+            return self.elapsed
+
+        def time_remaining(self, stage="train"):
+            return self.remaining
+
+    module = PretrainModule(BertConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16))
+    for steps, clock, share in ((100, Clock(30, 30), 0.5), (100, None, 0.01), (-1, Clock(15, 45), 0.25),
+                                (100, Clock(3, 57), 0.05)):
+        trainer = SimpleNamespace(max_steps=steps, global_step=1, callbacks=[clock] if clock else [])
+        module._trainer = trainer
+        assert module._run_share() == pytest.approx(share)
