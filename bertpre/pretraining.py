@@ -89,8 +89,9 @@ class PretrainModule(L.LightningModule):
                 (warmup-stable-decay: constant, then linear to 0 over the last decay_fraction of the run)
                 or "constant"
             decay_fraction: with "wsd", the share of the run spent decaying
-            schedule_by: "steps": the schedule spans trainer.max_steps; "time": it spans trainer.max_time,
-                read as the run goes, so a run given a time budget warms up, decays and ends at 0 within it
+            schedule_by: "steps": the schedule spans trainer.max_steps (with trainer.max_time set too, the share
+                of whichever budget is further along); "time": it spans trainer.max_time, read as the run goes,
+                so a run given a time budget warms up, decays and ends at 0 within it
             init_from: a bertpre checkpoint whose weights start this run (e.g. phase 2 from phase 1)
             optimizer: "adamw" or "lamb" (for batches of many thousands)
             optimizer_implementation: AdamW's kernel: "auto" (fused on CUDA and CPU, torch's default elsewhere),
