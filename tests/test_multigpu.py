@@ -235,3 +235,34 @@ def test_ddp_keeps_gradients_as_views_into_its_buckets(sample_prepared, tmp_path
         capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert "gradient_as_bucket_view True" in done.stdout and "trained 2 steps" in done.stdout
+
+
+def test_a_requeued_slurm_job_resumes_from_lightnings_hpc_checkpoint(sample_prepared, tmp_path, monkeypatch, capsys,
+                                                                     caplog):
+    """Under SLURM, Lightning's auto-requeue saves hpc_ckpt_N.ckpt in the run folder and requeues the job,
+    which runs the same command again (no --ckpt_path): the folder's checkpoints are then its own, and
+    it resumes from the hpc checkpoint instead of being refused as a run over another run's checkpoints."""
+    import shutil
+
+    from conftest import ROOT
+
+    from bertpre.cli import main
+
+    run = tmp_path / "run"
+    common = ["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
+              "--trainer.default_root_dir", str(run), "--trainer.limit_val_batches", "0",
+              "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+              "--model.config.hidden_size", "32", "--model.config.num_heads", "2"]
+    main([*common, "--trainer.max_steps", "2"])
+    shutil.copy(run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt")  # what the requeue handler saves
+    capsys.readouterr()
+    monkeypatch.setenv("SLURM_NTASKS", "1")
+    monkeypatch.setenv("SLURM_JOB_NAME", "pretrain")
+    for name in ("SLURM_PROCID", "SLURM_LOCALID", "SLURM_NODEID"):
+        monkeypatch.setenv(name, "0")
+    with caplog.at_level("INFO"):
+        main([*common, "--trainer.max_steps", "4"])
+    out = capsys.readouterr().out
+    assert "trained 4 steps" in out
+    assert "hpc_ckpt_1.ckpt" in caplog.text, "Lightning restored the requeue checkpoint"
+    assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
