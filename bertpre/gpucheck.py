@@ -12,7 +12,8 @@ time on. On one GPU it takes a few minutes:
 4. ``fp16``: a few steps in 16-mixed (a GradScaler) with ``nonfinite: skip``;
 5. ``bench`` (and ``bench-compiled``): ``bertpre bench`` against transformers'
    ``BertForPreTraining`` (sdpa) on the same batch and optimizer;
-6. ``attention``: the attention kernels SDPA picks with and without a padding mask, timed;
+6. ``attention``: the attention kernels SDPA picks with and without a padding mask, and the q/k/v
+   projections as one product against three, timed;
 7. ``large``: ``--large-preset`` at growing batch sizes until memory runs out;
 8. ``recipe`` (with ``--corpus``): configs/bert-mini-cpu.yaml's recipe for ``--recipe-minutes``.
 
