@@ -390,11 +390,13 @@ class PretrainModule(L.LightningModule):
             multiplier = time_schedule(self._time_budget_used(), self.warmup_fraction, self.lr_schedule,
                                        self.decay_fraction)
         else:
-            if total is None or total <= 0:
+            bounded = total is not None and total > 0
+            if not bounded and self._timer() is None:
                 raise UserError("set trainer.max_steps: the learning-rate schedule ends at max_steps "
-                                "(or set model.schedule_by time with trainer.max_time)")
-            warmup = max(1, math.ceil(self.warmup_fraction * total))
-            multiplier = step_schedule(warmup, total, self.lr_schedule, self.decay_fraction)
+                                "(or trainer.max_time, or set model.schedule_by time with trainer.max_time)")
+            if bounded:
+                warmup = max(1, math.ceil(self.warmup_fraction * total))
+                multiplier = step_schedule(warmup, total, self.lr_schedule, self.decay_fraction)
             if self._timer() is not None:
                 # trainer.max_time may end the run before max_steps: the schedule runs on the share of
                 # whichever budget is further along, so a run stopped by the clock has warmed up and

@@ -1,5 +1,6 @@
 """The console of ``bertpre train`` and ``bertpre finetune``: one progress bar over optimizer
-steps (step / total, loss, tokens/s, ETA), one line per validation, a one-line model summary,
+steps (step / total, loss, tokens/s, ETA; a ``trainer.max_time`` run shows its clock against the
+budget), one line per validation, a one-line model summary,
 and none of Lightning's advertisement tips.
 
 Lightning's default bar counts batches per epoch, which for a step-based run shows
@@ -31,6 +32,22 @@ def total_steps(trainer: L.Trainer) -> int | None:
     except Exception:  # an unsized dataloader: no total to show
         return None
     return int(total) if total != float("inf") else None
+
+
+def time_budget(trainer: L.Trainer) -> tuple[float, float] | None:
+    """(seconds elapsed, seconds left) of a run bounded by trainer.max_time (Lightning's Timer), else None."""
+    from lightning.pytorch.callbacks import Timer
+
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    if timer is None or timer.time_remaining() is None:
+        return None
+    return timer.time_elapsed(), timer.time_remaining()
+
+
+def clock(seconds: float) -> str:
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}:{minutes:02d}:{seconds:02d}" if hours else f"{minutes}:{seconds:02d}"
 
 
 def format_value(name: str, value: float) -> str:
@@ -75,8 +92,12 @@ class StepProgressBar(ProgressBar):
         bar.n = trainer.global_step
         if trainer.global_step % self.refresh_rate == 0 or trainer.global_step == bar.total:
             metrics = trainer.progress_bar_metrics
-            bar.set_postfix_str(" ".join(f"{short} {format_value(name, float(metrics[name]))}"
-                                         for name, short in BAR_METRICS.items() if name in metrics), refresh=False)
+            parts = [f"{short} {format_value(name, float(metrics[name]))}"
+                     for name, short in BAR_METRICS.items() if name in metrics]
+            budget = time_budget(trainer)
+            if budget is not None:  # a trainer.max_time run: the clock is its total
+                parts.insert(0, f"time {clock(budget[0])}/{clock(round(budget[0] + budget[1]))}")
+            bar.set_postfix_str(" ".join(parts), refresh=False)
             bar.refresh()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -1,5 +1,6 @@
 """The training console: a step bar, a validation line, one model line, no Lightning noise."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -30,3 +31,16 @@ def test_a_step_based_run_shows_steps_and_nothing_of_lightnings_noise(sample_pre
     # the summary names only what exists
     named = [word for word in done.stdout.split() if word.startswith(str(run))]
     assert named and all(Path(word).exists() for word in named), named
+
+
+def test_a_time_budget_run_shows_its_clock_against_the_budget(sample_prepared, tmp_path):
+    """A run bounded by trainer.max_time has no step total: the bar shows elapsed / budget instead."""
+    done = subprocess.run(
+        [sys.executable, "-m", "bertpre.cli", "train", "--config", TINY, "--data.path", str(sample_prepared),
+         "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "-1",
+         "--trainer.max_time", "00:00:00:06", "--trainer.limit_val_batches", "0", "--data.batch_size", "8"],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    shown = re.findall(r"time (\d+):(\d\d)/0:06", done.stderr)
+    assert shown, done.stderr[-2000:]
+    assert all(int(m) * 60 + int(s) <= 6 for m, s in shown)
