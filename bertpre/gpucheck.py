@@ -395,11 +395,12 @@ class Check:
                 "--trainer.max_time", f"00:00:{seconds // 60:02d}:{seconds % 60:02d}",
                 "--trainer.enable_progress_bar", "false", "--data.num_workers", str(self.o.num_workers),
                 "--overwrite", "true"]
-        if self.device.type == "cuda":
-            args += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed",
-                     "--trainer.val_check_interval", "2000"]
-        else:
+        if self.device.type == "cuda":  # the config is written for a CPU
+            args += ["--trainer.accelerator", "gpu", "--trainer.precision", "bf16-mixed"]
+        if self.o.miniature:
             args += MINIATURE_MODEL + ["--trainer.val_check_interval", "10", "--trainer.limit_val_batches", "2"]
+        else:
+            args += ["--trainer.val_check_interval", "2000"]
         done = self.bertpre(*args, log="recipe")
         if done.returncode:
             return {"ok": False, "error": _last_line(done)}
