@@ -241,6 +241,26 @@ def learning_rate_for(hidden_size: int) -> float:
     return next(rate for limit, rate in FINETUNE_LEARNING_RATES if limit is None or hidden_size <= limit)
 
 
+def starting_encoder(pretrained: str, dropout: dict[str, float], random_init: bool, reinit_pooler: bool,
+                     reinit_layers: int):
+    """The encoder fine-tuning starts from, and its tokenizer: the checkpoint's weights (with the
+    given dropout rates), BERT's random initialisation instead (``random_init``), or the weights with
+    the pooler and the top ``reinit_layers`` layers drawn anew from a copy of the random state (so
+    everything else in the run draws the same numbers as without it)."""
+    encoder, tokenizer = load_pretrained(pretrained, dropout)
+    if not 0 <= reinit_layers <= encoder.config.num_layers:
+        raise UserError(f"model.reinit_layers must be between 0 and the encoder's {encoder.config.num_layers} "
+                        f"layers, got {reinit_layers}")
+    if random_init:
+        encoder = BertForPretraining.randomly_initialised(encoder.config)
+    elif reinit_pooler or reinit_layers:
+        with torch.random.fork_rng(devices=[]):
+            if reinit_pooler:
+                encoder.reset_pooler()
+            encoder.reset_top_layers(reinit_layers)
+    return encoder, tokenizer
+
+
 class ClassifierModule(L.LightningModule):
     def __init__(
         self,
@@ -301,17 +321,7 @@ class ClassifierModule(L.LightningModule):
             check_dropout(f"model.{name}", rate)
         if not 0 < layer_lr_decay <= 1:
             raise UserError(f"model.layer_lr_decay must be in (0, 1], got {layer_lr_decay}")
-        encoder, self.tokenizer = load_pretrained(pretrained, dropout)
-        if not 0 <= reinit_layers <= encoder.config.num_layers:
-            raise UserError(f"model.reinit_layers must be between 0 and the encoder's {encoder.config.num_layers} "
-                            f"layers, got {reinit_layers}")
-        if random_init:
-            encoder = BertForPretraining.randomly_initialised(encoder.config)
-        elif reinit_pooler or reinit_layers:
-            with torch.random.fork_rng(devices=[]):
-                if reinit_pooler:
-                    encoder.reset_pooler()
-                encoder.reset_top_layers(reinit_layers)
+        encoder, self.tokenizer = starting_encoder(pretrained, dropout, random_init, reinit_pooler, reinit_layers)
         self.encoder: BertForPretraining | None = encoder.train()  # until use_labels puts the head on it
         self.model: BertForSequenceClassification | None = None
         self.labels: list[str] | None = None

@@ -53,6 +53,30 @@ INIT_FROM_MAY_DIFFER = DROPOUT_FIELDS + INIT_ONLY_FIELDS
 METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
 
 
+def check_options(o: dict[str, Any]) -> None:
+    """The pretraining module's options (``PretrainModule``'s arguments by name), each error naming its
+    option; the non-finite guard checks its own two."""
+    if o["learning_rate"] <= 0:
+        raise UserError(f"model.learning_rate must be positive, got {o['learning_rate']}")
+    if not 0.0 <= o["warmup_fraction"] < 1.0:
+        raise UserError(f"model.warmup_fraction must be in [0, 1), got {o['warmup_fraction']}")
+    if o["lr_schedule"] not in SCHEDULES:
+        raise UserError(f"model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {o['lr_schedule']!r}")
+    if not 0.0 < o["decay_fraction"] <= 1.0:
+        raise UserError(f"model.decay_fraction must be in (0, 1], got {o['decay_fraction']}")
+    if o["schedule_by"] not in ("steps", "time"):
+        raise UserError(f"model.schedule_by must be 'steps' or 'time', got {o['schedule_by']!r}")
+    if o["optimizer"] not in OPTIMIZERS:
+        raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {o['optimizer']!r}")
+    adamw_implementation(o["optimizer_implementation"], device_type="cpu")  # checks the name
+    if o["vocab_multiple_of"] < 1:
+        raise UserError(f"model.vocab_multiple_of must be at least 1, got {o['vocab_multiple_of']}")
+    if o["context_gain_batches"] < 0:
+        raise UserError(f"model.context_gain_batches must be 0 or more, got {o['context_gain_batches']}")
+    if not 0.0 <= o["plateau_check_fraction"] <= 1.0:
+        raise UserError(f"model.plateau_check_fraction must be in [0, 1], got {o['plateau_check_fraction']}")
+
+
 class PretrainModule(L.LightningModule):
     def __init__(
         self,
@@ -111,63 +135,33 @@ class PretrainModule(L.LightningModule):
                 gain below plateau_min_gain prints one warning: the model is on the MLM plateau
             plateau_min_gain: see plateau_check_fraction
         """
+        given = {k: v for k, v in locals().items() if k not in ("self", "__class__")}  # every option, as passed
         super().__init__()
-        if learning_rate <= 0:
-            raise UserError(f"model.learning_rate must be positive, got {learning_rate}")
-        if not 0.0 <= warmup_fraction < 1.0:
-            raise UserError(f"model.warmup_fraction must be in [0, 1), got {warmup_fraction}")
-        if lr_schedule not in SCHEDULES:
-            raise UserError(f"model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {lr_schedule!r}")
-        if not 0.0 < decay_fraction <= 1.0:
-            raise UserError(f"model.decay_fraction must be in (0, 1], got {decay_fraction}")
-        if schedule_by not in ("steps", "time"):
-            raise UserError(f"model.schedule_by must be 'steps' or 'time', got {schedule_by!r}")
+        check_options(given)
+        self.config, self.init_from, self.vocab_multiple_of = config, init_from, vocab_multiple_of
+        self.learning_rate, self.weight_decay, self.warmup_fraction = learning_rate, weight_decay, warmup_fraction
+        self.adam_betas, self.adam_eps = tuple(adam_betas), adam_eps
         self.lr_schedule, self.decay_fraction, self.schedule_by = lr_schedule, decay_fraction, schedule_by
-        self.config = config
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.adam_betas = tuple(adam_betas)
-        self.adam_eps = adam_eps
-        self.warmup_fraction = warmup_fraction
-        if optimizer not in OPTIMIZERS:
-            raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {optimizer!r}")
-        adamw_implementation(optimizer_implementation, device_type="cpu")  # checks the name
-        self.optimizer_implementation = optimizer_implementation
-        if vocab_multiple_of < 1:
-            raise UserError(f"model.vocab_multiple_of must be at least 1, got {vocab_multiple_of}")
-        self.init_from = init_from
-        self.optimizer_name = optimizer
-        self.vocab_multiple_of = vocab_multiple_of
-        self.compile_model = compile
-        self.activation_checkpointing = activation_checkpointing
+        self.optimizer_name, self.optimizer_implementation = optimizer, optimizer_implementation
+        self.compile_model, self.activation_checkpointing = compile, activation_checkpointing
         self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_in_a_row)
-        if context_gain_batches < 0:
-            raise UserError(f"model.context_gain_batches must be 0 or more, got {context_gain_batches}")
-        if not 0.0 <= plateau_check_fraction <= 1.0:
-            raise UserError(f"model.plateau_check_fraction must be in [0, 1], got {plateau_check_fraction}")
         self.context_gain_batches = context_gain_batches
         self.plateau_check_fraction, self.plateau_min_gain = plateau_check_fraction, plateau_min_gain
         self.plateau_checked = False
-        self.save_hyperparameters({"config": asdict(config), "learning_rate": learning_rate,
-                                   "weight_decay": weight_decay, "adam_betas": list(adam_betas),
-                                   "adam_eps": adam_eps, "warmup_fraction": warmup_fraction, "lr_schedule": lr_schedule,
-                                   "decay_fraction": decay_fraction, "schedule_by": schedule_by, "init_from": init_from,
-                                   "optimizer": optimizer, "optimizer_implementation": optimizer_implementation,
-                                   "vocab_multiple_of": vocab_multiple_of, "compile": compile,
-                                   "activation_checkpointing": activation_checkpointing, "nonfinite": nonfinite,
-                                   "max_nonfinite_in_a_row": max_nonfinite_in_a_row,
-                                   "context_gain_batches": context_gain_batches,
-                                   "plateau_check_fraction": plateau_check_fraction,
-                                   "plateau_min_gain": plateau_min_gain})
+        # plain data only (checkpoints load with weights_only): the config as a dict, the betas as a list
+        self.save_hyperparameters({**given, "config": asdict(config), "adam_betas": list(adam_betas)})
         self.model: BertForPretraining | None = None
         self.tokenizer_json: str | None = None
         self.tokenizer_fingerprint: str | None = None
+        self.special_ids: torch.Tensor | None = None
+        self.ordinary_ids: torch.Tensor | None = None
+        self._validation_metrics()
+
+    def _validation_metrics(self) -> None:
         self.val_metrics = torch.nn.ModuleDict({name: MeanMetric() for name in METRICS})
         self.val_target_counts: torch.Tensor | None = None  # for the most-frequent-token baseline
         # correct predictions and predictions on the context-gain slice, with real and with random context
         self.context_counts = torch.nn.ModuleDict({name: SumMetric() for name in ("real", "random", "predicted")})
-        self.special_ids: torch.Tensor | None = None
-        self.ordinary_ids: torch.Tensor | None = None
 
     # --- wiring ---------------------------------------------------------------------------
     def use_data(self, prepared: PreparedData) -> None:
