@@ -266,3 +266,35 @@ def test_a_requeued_slurm_job_resumes_from_lightnings_hpc_checkpoint(sample_prep
     assert "trained 4 steps" in out
     assert "hpc_ckpt_1.ckpt" in caplog.text, "Lightning restored the requeue checkpoint"
     assert torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"] == 4
+
+
+def test_the_cuda_branches_of_timing_and_precision_run_as_written(monkeypatch):
+    """CI has no GPU: the CUDA-only lines run here against recording stand-ins. A throughput window
+    is timed between two device syncs and logs the allocator's peak; a CUDA run turns on TF32."""
+    from bertpre.model import BertConfig
+    from bertpre.pretraining import PretrainModule
+    from bertpre.throughput import ThroughputLogger
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 3 * 2**30)
+    monkeypatch.setattr(torch, "set_float32_matmul_precision", lambda mode: calls.append(f"matmul {mode}"))
+    logged = {}
+    module = SimpleNamespace(device=torch.device("cuda"), config=BertConfig(vocab_size=100, hidden_size=8,
+                             num_layers=1, num_heads=2, intermediate_size=16),
+                             log=lambda name, value, **kw: logged.__setitem__(name, float(value)))
+    logger = ThroughputLogger(window=2, skip_first=False)
+    logger.peak = 1e12
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+    trainer = SimpleNamespace(world_size=1)
+    for i in range(2):
+        logger.on_train_batch_start(trainer, module, batch, i)
+        logger.on_train_batch_end(trainer, module, None, batch, i)
+    assert calls == ["sync", "sync"], "the window starts and ends at a device sync"
+    assert logged["perf/peak_memory_gb"] == 3.0 and logged["perf/tokens_per_sec"] > 0
+
+    pretrain = PretrainModule(BertConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16))
+    monkeypatch.setattr(PretrainModule, "device", property(lambda self: torch.device("cuda")))
+    pretrain._trainer = SimpleNamespace(is_global_zero=False)
+    pretrain.on_fit_start()
+    assert calls[-1] == "matmul high"
