@@ -11,13 +11,14 @@ from pathlib import Path
 import bertpre
 from bertpre.errors import UserError
 
-USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,bench,gpu-check,export,import,finetune,predict} ...
+USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,curves,bench,gpu-check,export,import,finetune,predict} ...
 
   prepare   raw text -> tokenizer + sentence-pair dataset      bertpre prepare --help
   tokenizer train only the tokenizer (before sharded prepare)   bertpre tokenizer --help
   combine   join sharded prepare outputs into one folder        bertpre combine DIR... --output DIR
   inspect   statistics and a figure of a prepared folder        bertpre inspect DIR
   train     pretrain with MLM + NSP from a YAML config          bertpre train --help
+  curves    draw a run's curves (loss, accuracy, context gain)  bertpre curves RUN
   bench     time bertpre's training step against transformers'  bertpre bench --help
   gpu-check the GPU path in a few minutes: speed, MFU, compile,     bertpre gpu-check --output DIR
             resume, fp16, bert-large's largest batch
@@ -195,6 +196,25 @@ def run_inspect(argv: Sequence[str]) -> None:
     print(text)
 
 
+def curves_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="bertpre curves",
+                                description="Draw a training or fine-tuning run's curves (loss, validation MLM accuracy "
+                                            "against the majority and random-context lines, context gain, learning "
+                                            "rate) into a PNG; every run writes one at its end.")
+    p.add_argument("run", metavar="RUN", help="a run folder (trainer.default_root_dir: its newest logs/version_N), "
+                                              "a logs/version_N folder or a metrics.csv")
+    p.add_argument("--output", default=None, metavar="PNG", help="where to write the figure (default: curves.png "
+                                                                 "beside metrics.csv)")
+    return p
+
+
+def run_curves(argv: Sequence[str]) -> None:
+    from bertpre.curves import plot_curves
+
+    args = curves_parser().parse_args(argv)
+    print(f"curves {plot_curves(args.run, args.output)}")
+
+
 def bench_parser() -> argparse.ArgumentParser:
     from bertpre.model import PRESETS
 
@@ -369,7 +389,7 @@ def run_predict(argv: Sequence[str]) -> None:
 
 # the argparse commands' parsers (train and finetune use LightningCLI), for the docs check
 PARSERS = {"prepare": prepare_parser, "tokenizer": tokenizer_parser, "combine": combine_parser,
-           "inspect": inspect_parser, "bench": bench_parser, "gpu-check": gpu_check_parser, "export": export_parser,
+           "inspect": inspect_parser, "curves": curves_parser, "bench": bench_parser, "gpu-check": gpu_check_parser, "export": export_parser,
            "import": import_parser, "predict": predict_parser}
 
 
@@ -377,7 +397,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "true")
     commands = {"prepare": run_prepare, "tokenizer": run_tokenizer, "combine": run_combine, "inspect": run_inspect,
-                "train": run_train, "bench": run_bench, "gpu-check": run_gpu_check, "export": run_export,
+                "train": run_train, "curves": run_curves, "bench": run_bench, "gpu-check": run_gpu_check, "export": run_export,
                 "import": run_import,
                 "finetune": run_finetune, "predict": run_predict}
     if not argv:  # a command is required: usage on stderr, exit 2 (like argparse)

@@ -24,6 +24,7 @@ from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from bertpre.checkpoint import CHECKPOINT_KEY, TASK_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
+from bertpre.curves import plot_curves
 from bertpre.data import PretrainDataModule
 from bertpre.errors import UserError
 from bertpre.faults import (
@@ -182,6 +183,8 @@ class BertpreCLI(LightningCLI):
             if isinstance(logger, CSVLogger):
                 if (Path(logger.log_dir) / "metrics.csv").is_file():
                     lines.append(f"  metrics     {Path(logger.log_dir) / 'metrics.csv'}")
+                    threshold = getattr(self.model, "plateau_min_gain", None)
+                    lines.append(f"  curves      {plot_curves(Path(logger.log_dir), threshold=threshold)}")
             elif isinstance(logger, TensorBoardLogger) and Path(logger.log_dir).is_dir():
                 lines.append(f"  tensorboard tensorboard --logdir {logger.log_dir}")
         metrics = trainer.callback_metrics
