@@ -31,7 +31,7 @@ USAGE = """usage: bertpre {prepare,tokenizer,combine,inspect,train,curves,bench,
 
 
 def _input_arguments(p: argparse.ArgumentParser) -> None:
-    from bertpre.corpus import FORMATS
+    from bertpre.data.corpus import FORMATS
 
     io = p.add_argument_group("input and output")
     io.add_argument("--input", nargs="+", required=True, metavar="PATH",
@@ -57,7 +57,7 @@ def _tokenizer_training_arguments(group) -> None:
 
 
 def _corpus_options(args: argparse.Namespace):
-    from bertpre.corpus import CorpusOptions
+    from bertpre.data.corpus import CorpusOptions
 
     return CorpusOptions(format=args.format, text_field=args.text_field, doc_separator=args.doc_separator,
                          skip_unreadable=args.skip_unreadable)
@@ -107,9 +107,9 @@ def prepare_parser():
 
 
 def run_prepare(argv: Sequence[str]) -> None:
-    from bertpre.dataformat import summary
-    from bertpre.pairs import PairOptions
-    from bertpre.prepare import PrepareOptions, prepare
+    from bertpre.data.pairs import PairOptions
+    from bertpre.data.prepare import PrepareOptions, prepare
+    from bertpre.data.prepared import summary
 
     args = prepare_parser().parse_args(argv)
     options = PrepareOptions(
@@ -149,7 +149,7 @@ def tokenizer_parser() -> argparse.ArgumentParser:
 
 
 def run_tokenizer(argv: Sequence[str]) -> None:
-    from bertpre.prepare import write_tokenizer
+    from bertpre.data.prepare import write_tokenizer
 
     p = tokenizer_parser()
     args = p.parse_args(argv)
@@ -171,7 +171,7 @@ def combine_parser() -> argparse.ArgumentParser:
 
 
 def run_combine(argv: Sequence[str]) -> None:
-    from bertpre.dataformat import combine, summary
+    from bertpre.data.prepared import combine, summary
 
     p = combine_parser()
     args = p.parse_args(argv)
@@ -188,7 +188,7 @@ def inspect_parser() -> argparse.ArgumentParser:
 
 
 def run_inspect(argv: Sequence[str]) -> None:
-    from bertpre.report import inspect
+    from bertpre.data.inspect import inspect
 
     p = inspect_parser()
     args = p.parse_args(argv)
@@ -209,14 +209,14 @@ def curves_parser() -> argparse.ArgumentParser:
 
 
 def run_curves(argv: Sequence[str]) -> None:
-    from bertpre.curves import plot_curves
+    from bertpre.training.curves import plot_curves
 
     args = curves_parser().parse_args(argv)
     print(f"curves {plot_curves(args.run, args.output)}")
 
 
 def bench_parser() -> argparse.ArgumentParser:
-    from bertpre.model import PRESETS
+    from bertpre.model.bert import PRESETS
 
     p = argparse.ArgumentParser(
         prog="bertpre bench",
@@ -243,7 +243,7 @@ def bench_parser() -> argparse.ArgumentParser:
 def run_bench(argv: Sequence[str]) -> None:
     import json
 
-    from bertpre.bench import BenchOptions, format_result, run_bench
+    from bertpre.perf.bench import BenchOptions, format_result, run_bench
 
     p = bench_parser()
     args = p.parse_args(argv)
@@ -259,7 +259,7 @@ def run_bench(argv: Sequence[str]) -> None:
 
 
 def gpu_check_parser() -> argparse.ArgumentParser:
-    from bertpre.gpucheck import STAGES
+    from bertpre.perf.gpucheck import STAGES
 
     p = argparse.ArgumentParser(
         prog="bertpre gpu-check",
@@ -290,7 +290,8 @@ def gpu_check_parser() -> argparse.ArgumentParser:
 
 
 def run_gpu_check(argv: Sequence[str]) -> None:
-    from bertpre.gpucheck import GpuCheckOptions, format_table, run_gpu_check
+    from bertpre.perf.gpucheck import GpuCheckOptions, run_gpu_check
+    from bertpre.perf.gpucheck_results import format_table
 
     args = gpu_check_parser().parse_args(argv)
     values = dict(preset=args.preset, large_preset=args.large_preset, corpus=args.corpus,
@@ -324,7 +325,7 @@ def export_parser() -> argparse.ArgumentParser:
 
 
 def run_export(argv: Sequence[str]) -> None:
-    from bertpre.export import export_checkpoint
+    from bertpre.model.export import export_checkpoint
 
     p = export_parser()
     args = p.parse_args(argv)
@@ -342,7 +343,7 @@ def import_parser() -> argparse.ArgumentParser:
 
 
 def run_import(argv: Sequence[str]) -> None:
-    from bertpre.export import import_hf
+    from bertpre.model.export import import_hf
 
     p = import_parser()
     args = p.parse_args(argv)
@@ -353,13 +354,13 @@ def run_import(argv: Sequence[str]) -> None:
 
 
 def run_train(argv: Sequence[str]) -> None:
-    from bertpre.train import train_cli
+    from bertpre.lightning_cli import train_cli
 
     train_cli(list(argv))
 
 
 def run_finetune(argv: Sequence[str]) -> None:
-    from bertpre.train import train_cli
+    from bertpre.lightning_cli import train_cli
 
     train_cli(list(argv), command="finetune")
 
@@ -379,7 +380,7 @@ def predict_parser() -> argparse.ArgumentParser:
 
 
 def run_predict(argv: Sequence[str]) -> None:
-    from bertpre.finetune import predict_file
+    from bertpre.tasks.predict import predict_file
 
     p = predict_parser()
     args = p.parse_args(argv)

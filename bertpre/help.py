@@ -72,7 +72,7 @@ def short_help(command: str, model_class, data_class, width: int = 110) -> str:
     lines.append("model:")
     lines += _options("model", model_class, width)
     if "config" in inspect.signature(model_class.__init__).parameters:
-        from bertpre.model import BertConfig
+        from bertpre.model.bert import BertConfig
 
         names = ", ".join(f.name for f in fields(BertConfig))
         lines += textwrap.wrap(f"--model.config.NAME: architecture fields {names} (or a preset in the "

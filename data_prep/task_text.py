@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from bertpre.errors import UserError
-from bertpre.finetune import pick_column, read_table
+from bertpre.tasks.table import pick_column, read_table
 
 
 def task_documents(path: Path, column: str, per_document: int) -> list[list[str]]:

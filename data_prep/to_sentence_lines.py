@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from bertpre.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
+from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
 from bertpre.errors import UserError
 
 

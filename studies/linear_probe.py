@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 
 from bertpre.errors import UserError
-from bertpre.export import load_pretrained
-from bertpre.finetune import collate, encode_rows, pick_column, read_table, sample_rows
-from bertpre.model import BertForPretraining
+from bertpre.model.bert import BertForPretraining
+from bertpre.model.checkpoint import load_pretrained
+from bertpre.tasks.table import collate, encode_rows, pick_column, read_table, sample_rows
 
 L2_STRENGTHS = (0.01, 0.1, 1.0)  # inverse regularisation C, as in the usual logistic regression
 

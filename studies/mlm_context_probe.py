@@ -21,12 +21,12 @@ import sys
 import numpy as np
 import torch
 
-from bertpre.data import ContentSeededCollator
-from bertpre.dataformat import PreparedData
+from bertpre.data.datamodule import ContentSeededCollator
+from bertpre.data.masking import IGNORE_INDEX, Masker, default_max_predictions
+from bertpre.data.prepared import PreparedData
 from bertpre.errors import UserError
-from bertpre.export import load_pretrained
-from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
-from bertpre.model import BertForPretraining
+from bertpre.model.bert import BertForPretraining
+from bertpre.model.checkpoint import load_pretrained
 
 
 def main() -> None:

@@ -24,8 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bertpre.dataformat import PreparedData
-from bertpre.tokenizer import special_ids
+from bertpre.data.prepared import PreparedData
+from bertpre.data.tokenizer import special_ids
 
 
 def most_frequent(counts: dict) -> dict:

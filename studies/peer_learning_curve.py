@@ -20,14 +20,14 @@ import time
 import numpy as np
 import torch
 
-from bertpre.data import ContentSeededCollator
-from bertpre.dataformat import PreparedData
+from bertpre.data.datamodule import ContentSeededCollator
+from bertpre.data.masking import IGNORE_INDEX, Masker, default_max_predictions
+from bertpre.data.prepared import PreparedData
 from bertpre.errors import UserError
-from bertpre.hf import to_transformers
-from bertpre.loss import pretraining_loss
-from bertpre.masking import IGNORE_INDEX, Masker, default_max_predictions
-from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import build_optimizer
+from bertpre.model.bert import BertConfig, BertForPretraining
+from bertpre.model.hf import to_transformers
+from bertpre.training.loss import pretraining_loss
+from bertpre.training.optim import build_optimizer
 
 FRAMEWORKS = ("bertpre", "transformers")
 

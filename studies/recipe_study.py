@@ -24,7 +24,7 @@ from pathlib import Path
 
 import yaml
 
-from bertpre.dataformat import PreparedData
+from bertpre.data.prepared import PreparedData
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 from bertpre.errors import UserError
-from bertpre.model import DROPOUT_FIELDS, POOLINGS, check_dropout, config_differences
+from bertpre.model.bert import DROPOUT_FIELDS, POOLINGS, check_dropout, config_differences
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "tasks" / "sst2"
@@ -173,8 +173,8 @@ def same_start(ours: Path, theirs: Path, fixed_dropout: bool) -> None:
     a random-init run keeps both from the checkpoint it was given. With a fixed fine-tuning dropout
     (``--dropout RATE``, the same in both studies), the rates the checkpoints were pretrained with do
     not reach the runs."""
-    from bertpre.checkpoint import CHECKPOINT_KEY, read_checkpoint
     from bertpre.errors import UserError
+    from bertpre.model.checkpoint import CHECKPOINT_KEY, read_checkpoint
 
     try:
         a, b = (read_checkpoint(path)[CHECKPOINT_KEY] for path in (ours, theirs))

@@ -27,7 +27,7 @@ def gutenberg_books() -> list[str]:
 @pytest.fixture(scope="session")
 def gutenberg_prepared(tmp_path_factory) -> Path:
     """The whole shared gutenberg corpus (15 books, 10.4 MB of raw prose) prepared at seq 128."""
-    from bertpre.prepare import PrepareOptions, prepare
+    from bertpre.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("gutenberg") / "prepared"
     prepare(PrepareOptions(inputs=gutenberg_books(), output=out, vocab_size=8192))
@@ -37,8 +37,8 @@ def gutenberg_prepared(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def sample_prepared(tmp_path_factory) -> Path:
     """The bundled sample, small vocabulary and seq 64: quick to train on."""
-    from bertpre.pairs import PairOptions
-    from bertpre.prepare import PrepareOptions, prepare
+    from bertpre.data.pairs import PairOptions
+    from bertpre.data.prepare import PrepareOptions, prepare
 
     out = tmp_path_factory.mktemp("sample") / "prepared"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=out, vocab_size=2000, pairs=PairOptions(max_seq_length=64)))

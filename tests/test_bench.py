@@ -1,8 +1,8 @@
 import pytest
 
-from bertpre.bench import BenchOptions, format_result, run_bench
-from bertpre.model import BertConfig
-from bertpre.throughput import model_flops_per_token
+from bertpre.model.bert import BertConfig
+from bertpre.perf.bench import BenchOptions, format_result, run_bench
+from bertpre.training.throughput import model_flops_per_token
 
 
 @pytest.mark.slow  # minutes of the default suite's five; runs in CI's slow line
@@ -27,7 +27,7 @@ def test_model_flops_per_token_matches_the_formula():
 def test_mfu_peaks_name_the_exact_gpu_part_or_take_an_override(monkeypatch):
     import torch
 
-    from bertpre.throughput import PEAK_ENV, gpu_peak, peak_flops
+    from bertpre.training.throughput import PEAK_ENV, gpu_peak, peak_flops
 
     assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16-mixed")[0] == 989e12  # SXM
     assert gpu_peak("NVIDIA H100 PCIe", "bf16-mixed")[0] == 756e12
@@ -47,7 +47,7 @@ def test_the_cpu_peak_measurement_is_bounded_for_a_dtype_the_cpu_only_emulates(m
     could start. Timings are simulated: seconds proportional to size^3."""
     import torch
 
-    from bertpre import throughput
+    from bertpre.training import throughput
 
     timed = []
 
@@ -73,7 +73,7 @@ def test_the_cpu_peak_measurement_is_bounded_for_a_dtype_the_cpu_only_emulates(m
 def test_the_cuda_branch_of_the_peak_reads_the_device_name(monkeypatch):
     import torch
 
-    from bertpre.throughput import peak_flops
+    from bertpre.training.throughput import peak_flops
 
     monkeypatch.delenv("BERTPRE_PEAK_TFLOPS", raising=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")

@@ -30,7 +30,7 @@ def series(rows, key):
 
 def length_rule_accuracy(data) -> float:
     """The best NSP accuracy of a threshold on the length of A alone, on the training pairs."""
-    from bertpre.dataformat import PreparedData
+    from bertpre.data.prepared import PreparedData
 
     train = PreparedData(data).load_dataset()["train"].with_format("numpy")
     sep = PreparedData(data).tokenizer.token_to_id("[SEP]")
@@ -154,7 +154,7 @@ def test_checkpoint_from_another_tokenizer_is_refused(sample_prepared, tmp_path,
 
 def test_init_from_may_change_dropout_but_not_the_architecture(sample_checkpoint, sample_prepared, tmp_path, capsys):
     """Continued pretraining may regularise anew (dropout), never change what the weights mean."""
-    from bertpre.checkpoint import model_state, read_checkpoint
+    from bertpre.model.checkpoint import model_state, read_checkpoint
 
     base = ["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.max_steps", "1",
             "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
@@ -197,7 +197,7 @@ def test_vocabulary_padded_to_a_multiple(sample_prepared, tmp_path, capsys):
     main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
           "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
           "--model.vocab_multiple_of", "64"])
-    from bertpre.checkpoint import read_checkpoint
+    from bertpre.model.checkpoint import read_checkpoint
 
     saved = read_checkpoint(run / "checkpoints" / "last.ckpt")
     assert saved["bertpre"]["model_config"]["vocab_size"] == 2048  # the tokenizer has 2000
@@ -210,11 +210,11 @@ def test_compiled_training_keeps_plain_checkpoint_names(sample_prepared, tmp_pat
     main(["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
           "--trainer.max_steps", "3", "--trainer.enable_progress_bar", "false", "--trainer.limit_val_batches", "0",
           "--model.compile", "true"])
-    from bertpre.checkpoint import read_checkpoint
+    from bertpre.model.checkpoint import read_checkpoint
 
     names = read_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"].keys()
     assert "model.embeddings.word.weight" in names and not any("_orig_mod" in n for n in names)
-    from bertpre.export import export_checkpoint
+    from bertpre.model.export import export_checkpoint
 
     assert (export_checkpoint(run / "checkpoints" / "last.ckpt", tmp_path / "hf") / "model.safetensors").is_file()
 
@@ -229,9 +229,11 @@ def test_overwrite_starts_afresh_in_a_run_folder_of_another_run(sample_prepared,
     stale = run / "checkpoints" / "epoch=0-step=2.ckpt"
     stale.write_bytes((run / "checkpoints" / "last.ckpt").read_bytes())  # a step file the new run will not write
     capsys.readouterr()
-    main(args + ["--trainer.max_steps", "3", "--overwrite", "true"])
+    main(args + ["--trainer.max_steps", "3", "--overwrite", "true", "--trainer.log_every_n_steps", "1"])
     out = capsys.readouterr().out
     assert f"  checkpoint  {run / 'checkpoints' / 'last.ckpt'}\n" in out
+    curves = run / "logs" / "version_1" / "curves.png"  # every run draws its own curves at its end
+    assert f"  curves      {curves}\n" in out and curves.read_bytes().startswith(b"\x89PNG")
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.ckpt"]
     import torch
 

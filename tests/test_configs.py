@@ -3,10 +3,10 @@ from dataclasses import replace
 import pytest
 from conftest import ROOT
 
-from bertpre.data import PretrainDataModule
-from bertpre.model import PRESETS
-from bertpre.pretraining import PretrainModule
-from bertpre.train import BertpreCLI
+from bertpre.data.datamodule import PretrainDataModule
+from bertpre.lightning_cli import BertpreCLI
+from bertpre.model.bert import PRESETS
+from bertpre.training.pretraining import PretrainModule
 
 CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.startswith("finetune-"))
 

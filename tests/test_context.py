@@ -4,10 +4,10 @@ import pytest
 import torch
 from torch import nn
 
-from bertpre.context import ordinary_ids, random_context
-from bertpre.masking import IGNORE_INDEX, prediction_slots
-from bertpre.model import BertConfig
-from bertpre.pretraining import PretrainModule
+from bertpre.data.masking import IGNORE_INDEX, prediction_slots
+from bertpre.model.bert import BertConfig
+from bertpre.training.plateau import ordinary_ids, random_context
+from bertpre.training.pretraining import PretrainModule
 
 V, SPECIAL = 50, [0, 1, 2, 3, 4]  # [PAD] [UNK] [CLS] [SEP] [MASK]
 

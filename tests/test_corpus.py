@@ -4,7 +4,14 @@ from pathlib import Path
 import pytest
 from conftest import GUTENBERG, SAMPLE, WIKITEXT
 
-from bertpre.corpus import CorpusOptions, CorpusStats, detect_format, expand_inputs, read_documents, split_sentences
+from bertpre.data.corpus import (
+    CorpusOptions,
+    CorpusStats,
+    detect_format,
+    expand_inputs,
+    read_documents,
+    split_sentences,
+)
 from bertpre.errors import UserError
 
 

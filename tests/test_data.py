@@ -3,8 +3,8 @@
 from pathlib import Path
 from types import SimpleNamespace
 
-from bertpre.data import PretrainDataModule
-from bertpre.dataformat import PreparedData
+from bertpre.data.datamodule import PretrainDataModule
+from bertpre.data.prepared import PreparedData
 
 
 def loader_indices(data_path: Path, world: int, rank: int, batch_size: int, epoch: int = 0) -> list[list[int]]:

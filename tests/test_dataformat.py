@@ -6,12 +6,12 @@ import pyarrow as pa
 import pytest
 from conftest import SAMPLE, gutenberg_books
 
-import bertpre.dataformat
-import bertpre.prepare
+import bertpre.data.prepare
+import bertpre.data.prepared
 from bertpre.cli import main
-from bertpre.dataformat import PreparedData
+from bertpre.data.prepare import PrepareOptions, prepare
+from bertpre.data.prepared import PreparedData
 from bertpre.errors import UserError
-from bertpre.prepare import PrepareOptions, prepare
 
 
 def test_shards_combine_into_one_training_folder(gutenberg_prepared, tmp_path, capsys):
@@ -38,7 +38,7 @@ def test_shards_combine_into_one_training_folder(gutenberg_prepared, tmp_path, c
     assert record.combined_from == [str(s) for s in shards]
     assert combined.fingerprint == PreparedData(gutenberg_prepared).fingerprint
 
-    from bertpre.data import PretrainDataModule
+    from bertpre.data.datamodule import PretrainDataModule
 
     data = PretrainDataModule(str(tmp_path / "all"), batch_size=8)
     data.setup("fit")
@@ -47,7 +47,7 @@ def test_shards_combine_into_one_training_folder(gutenberg_prepared, tmp_path, c
     other = tmp_path / "other-vocab"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=other, vocab_size=500))
     with pytest.raises(UserError, match=r"shard .*other-vocab: tokenizer differs from .*shard0"):
-        bertpre.dataformat.combine([str(shards[0]), str(other)], tmp_path / "bad")
+        bertpre.data.prepared.combine([str(shards[0]), str(other)], tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
     with pytest.raises(UserError, match="--num-shards needs --tokenizer"):
         PrepareOptions(inputs=books, output=tmp_path / "x", num_shards=2, shard_index=1)
@@ -56,7 +56,7 @@ def test_shards_combine_into_one_training_folder(gutenberg_prepared, tmp_path, c
 
 
 def test_training_reads_the_dataset_memory_mapped(sample_prepared):
-    from bertpre.data import PretrainDataModule
+    from bertpre.data.datamodule import PretrainDataModule
 
     data = PretrainDataModule(str(sample_prepared), batch_size=16)
     data.setup("fit")
@@ -69,10 +69,10 @@ def test_training_reads_the_dataset_memory_mapped(sample_prepared):
 
 
 def test_a_split_written_into_several_files_reads_as_one(sample_prepared, tmp_path, monkeypatch):
-    monkeypatch.setattr(bertpre.prepare, "BLOCK_CHARS", 100_000)  # one record batch per 100k characters
+    monkeypatch.setattr(bertpre.data.prepare, "BLOCK_CHARS", 100_000)  # one record batch per 100k characters
     one = tmp_path / "one"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=one, tokenizer=str(sample_prepared)))
-    monkeypatch.setattr(bertpre.dataformat, "OUTPUT_FILE_BYTES", 200_000)
+    monkeypatch.setattr(bertpre.data.prepared, "OUTPUT_FILE_BYTES", 200_000)
     many = tmp_path / "many"
     prepare(PrepareOptions(inputs=[str(SAMPLE)], output=many, tokenizer=str(sample_prepared)))
     assert len(PreparedData(one).split_files()["train"]) == 1

@@ -9,8 +9,8 @@ from conftest import ROOT, SAMPLE
 from bertpre import load_pretrained
 from bertpre.cli import main
 from bertpre.errors import UserError
-from bertpre.export import export_checkpoint, import_hf
-from bertpre.model import BertForPretraining
+from bertpre.model.bert import BertForPretraining
+from bertpre.model.export import export_checkpoint, import_hf
 
 transformers = pytest.importorskip("transformers")
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
@@ -157,7 +157,7 @@ def test_not_a_checkpoint_and_other_architectures_are_refused(tmp_path, exported
 def test_a_pre_ln_model_exports_to_roberta_prelayernorm_and_is_read_by_everything(sample_prepared, tmp_path):
     """transformers has no pre-LN BERT; its RoBERTa-PreLayerNorm classes compute the same thing once
     positions are shifted past the padding id. Pretraining and fine-tuned checkpoints both export."""
-    from bertpre.checkpoint import load_classifier
+    from bertpre.model.checkpoint import load_classifier
 
     run = tmp_path / "run"
     main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
@@ -197,7 +197,7 @@ def test_a_pre_ln_model_exports_to_roberta_prelayernorm_and_is_read_by_everythin
 
 def test_a_fine_tuned_classifier_exports_to_transformers_with_its_labels(finetuned_checkpoint, tmp_path):
     transformers = pytest.importorskip("transformers")
-    from bertpre.checkpoint import load_classifier
+    from bertpre.model.checkpoint import load_classifier
 
     out = tmp_path / "classifier"
     main(["export", str(finetuned_checkpoint), "--output", str(out)])
@@ -224,9 +224,9 @@ def test_loading_a_checkpoint_never_imports_lightning(finetuned_checkpoint, samp
 
     code = ("import sys, bertpre\n"
             f"model, tokenizer = bertpre.load_pretrained({str(sample_checkpoint)!r})\n"
-            "from bertpre.checkpoint import load_classifier\n"
+            "from bertpre.model.checkpoint import load_classifier\n"
             f"classifier, _, task = load_classifier({str(finetuned_checkpoint)!r})\n"
-            "import bertpre.export\n"
+            "import bertpre.model.export\n"
             "assert not [m for m in sys.modules if m.split('.')[0] in ('lightning', 'pytorch_lightning')], "
             "sorted(m for m in sys.modules if 'lightning' in m)[:5]\n"
             "print(task['labels'])\n")

@@ -17,7 +17,7 @@ import yaml
 from conftest import ROOT, gradient_poison
 
 from bertpre.cli import main
-from bertpre.faults import checkpoint_problem
+from bertpre.training.checkpointing import checkpoint_problem
 
 CHECKPOINT_EVERY = 20
 STEPS = 100
@@ -182,10 +182,10 @@ def test_a_corrupt_checkpoint_names_the_previous_good_one_and_last_good_resumes(
 def test_a_non_finite_step_is_reported_and_skipped(sample_prepared, tmp_path, capsys):
     import lightning as L
 
-    from bertpre.data import PretrainDataModule
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     poison = gradient_poison(5, lambda module: next(module.model.parameters()), float("nan"))
     module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64))
@@ -301,13 +301,13 @@ def test_resume_from_a_checkpoint_saved_at_an_epoch_end(sample_prepared, tmp_pat
     from conftest import SAMPLE
     from lightning.pytorch.callbacks import ModelCheckpoint
 
-    from bertpre.data import PretrainDataModule
-    from bertpre.dataformat import PreparedData
-    from bertpre.model import BertConfig
-    from bertpre.pairs import PairOptions
-    from bertpre.prepare import PrepareOptions, prepare
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.data.pairs import PairOptions
+    from bertpre.data.prepare import PrepareOptions, prepare
+    from bertpre.data.prepared import PreparedData
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     corpus = tmp_path / "small.txt"
     corpus.write_text("".join((SAMPLE / "carroll-alice.txt").read_text(errors="replace").splitlines(True)[:400]))
@@ -359,11 +359,11 @@ def test_a_signal_late_in_a_step_is_taken_after_the_next_and_the_resume_is_exact
     and logs every later step once, with the uninterrupted run's losses."""
     import lightning as L
 
-    from bertpre.data import PretrainDataModule
-    from bertpre.faults import PreemptionCheckpoint
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.preemption import PreemptionCheckpoint
+    from bertpre.training.pretraining import PretrainModule
 
     steps, late_in = 6, 2
 
@@ -407,7 +407,7 @@ def test_a_run_that_stops_between_checkpoint_intervals_ends_with_its_last_step_s
 
 CHECKPOINT_PEAK = """
 import resource, sys, torch
-from bertpre.faults import AtomicCheckpointIO
+from bertpre.training.checkpointing import AtomicCheckpointIO
 state = {"state_dict": {"w": torch.ones(50_000_000)}}  # 200 MB of weights
 before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 AtomicCheckpointIO().save_checkpoint(state, sys.argv[1])

@@ -7,10 +7,11 @@ import torch
 from conftest import ROOT, SHARED_DATA, gradient_poison
 
 from bertpre.cli import main
+from bertpre.data.tokenizer import load_tokenizer
 from bertpre.errors import UserError
-from bertpre.finetune import ClassifierModule, encode_rows, layer_lr_scales, read_table, sample_rows
-from bertpre.optim import parameter_groups
-from bertpre.tokenizer import load_tokenizer
+from bertpre.tasks.classifier import ClassifierModule, layer_lr_scales
+from bertpre.tasks.table import encode_rows, read_table, sample_rows
+from bertpre.training.optim import parameter_groups
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 SST2 = SHARED_DATA / "tasks" / "sst2"
@@ -125,8 +126,8 @@ def test_layer_lr_decay_lowers_the_rate_layer_by_layer(pretrained, sst2_slice, t
     schedule scales every group alike: tests/test_optim.py)."""
     import lightning as L
 
-    from bertpre.finetune import TaskDataModule
-    from bertpre.train import connect
+    from bertpre.lightning_cli import connect
+    from bertpre.tasks.datamodule import TaskDataModule
 
     module = ClassifierModule(str(pretrained), learning_rate=1e-3, layer_lr_decay=0.5, warmup_fraction=0.0)
     data = TaskDataModule(str(sst2_slice / "train.tsv"), str(sst2_slice / "dev.tsv"),
@@ -154,7 +155,7 @@ def test_fine_tuning_dropout_is_berts_unless_kept_from_the_encoder(pretrained, f
     """The sample encoder was pretrained without dropout (bert-tiny.yaml). Fine-tuning applies BERT's
     0.1 in every dropout of the encoder by default (random init too), with the checkpoint's weights;
     null keeps the encoder's 0; the task record holds the rate trained with."""
-    from bertpre.checkpoint import load_classifier, load_pretrained
+    from bertpre.model.checkpoint import load_classifier, load_pretrained
 
     encoder, _ = load_pretrained(pretrained)
     assert encoder.config.hidden_dropout == 0.0 == encoder.config.attention_dropout
@@ -194,7 +195,7 @@ def test_fine_tuning_dropout_is_berts_unless_kept_from_the_encoder(pretrained, f
 
 
 def test_mean_pooling_fine_tunes_predicts_and_is_refused_by_export(pretrained, sst2_slice, tmp_path, capsys):
-    from bertpre.checkpoint import load_classifier
+    from bertpre.model.checkpoint import load_classifier
 
     run = tmp_path / "run"
     main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained", str(pretrained),
@@ -246,8 +247,8 @@ def test_predict_refuses_a_pretraining_checkpoint(pretrained, tmp_path, capsys):
 
 
 def test_shipped_finetune_config_parses(pretrained, tmp_path):
-    from bertpre.finetune import TaskDataModule
-    from bertpre.train import BertpreCLI
+    from bertpre.lightning_cli import BertpreCLI
+    from bertpre.tasks.datamodule import TaskDataModule
 
     cli = BertpreCLI(ClassifierModule, TaskDataModule, run=False,
                      args=["--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
@@ -270,8 +271,8 @@ def test_training_subset_is_seeded_and_sized(sst2_slice):
 def test_a_non_finite_fine_tuning_step_is_skipped(pretrained, sst2_slice, tmp_path, capsys):
     import lightning as L
 
-    from bertpre.finetune import TaskDataModule
-    from bertpre.train import connect
+    from bertpre.lightning_cli import connect
+    from bertpre.tasks.datamodule import TaskDataModule
 
     poison = gradient_poison(3, lambda module: module.model.classifier.weight, float("inf"))
     module = ClassifierModule(str(pretrained), learning_rate=1e-4)
@@ -318,7 +319,7 @@ def test_predict_scores_are_probabilities_and_jsonl_is_read(finetuned_checkpoint
         p0, p1 = float(row["p_0"]), float(row["p_1"])
         assert abs(p0 + p1 - 1) < 1e-5 and 0 <= p0 <= 1
         assert row["prediction"] == ("0" if p0 > p1 else "1") and row["sentence"] == given["sentence"]
-    from bertpre.checkpoint import load_classifier
+    from bertpre.model.checkpoint import load_classifier
 
     model, tokenizer, task = load_classifier(finetuned_checkpoint)  # the same probabilities, computed directly
     encoding = tokenizer.encode(rows[0]["sentence"])
@@ -331,7 +332,7 @@ def test_predict_scores_are_probabilities_and_jsonl_is_read(finetuned_checkpoint
 
 
 def test_the_default_learning_rate_follows_the_encoder_size(pretrained, capsys):
-    from bertpre.finetune import learning_rate_for
+    from bertpre.tasks.classifier import learning_rate_for
 
     assert learning_rate_for(128) == learning_rate_for(256) == 3e-4  # bert-tiny, bert-mini
     assert learning_rate_for(512) == 1e-4  # bert-small, bert-medium
@@ -345,7 +346,7 @@ def test_the_default_learning_rate_follows_the_encoder_size(pretrained, capsys):
 
 
 def test_a_classifier_saved_before_the_pooling_option_loads_with_cls_pooling(finetuned_checkpoint, tmp_path):
-    from bertpre.checkpoint import load_classifier
+    from bertpre.model.checkpoint import load_classifier
 
     checkpoint = torch.load(finetuned_checkpoint, map_location="cpu", weights_only=True)
     assert checkpoint["bertpre_task"]["pooling"] == "cls"

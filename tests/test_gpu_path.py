@@ -57,7 +57,7 @@ def test_every_shipped_config_trains_on_cpu_with_its_cuda_settings(config, preci
 
 def test_clipping_a_fused_adamw_under_a_grad_scaler_clips_the_true_gradients():
     """Scaled gradients are unscaled before the clip; the update equals fp32's clipped update."""
-    from bertpre.optim import clip_gradients
+    from bertpre.training.optim import clip_gradients
 
     def model_and_loss():
         torch.manual_seed(0)
@@ -90,10 +90,10 @@ def test_a_grad_scaler_overflow_is_not_a_non_finite_step(sample_prepared, tmp_pa
     from conftest import gradient_poison
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from bertpre.data import PretrainDataModule
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     poison = gradient_poison(1, lambda module: next(module.model.parameters()), float("inf"))
     module = PretrainModule(BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64),
@@ -116,10 +116,10 @@ def test_micro_batches_of_one_step_draw_different_dropout(sample_prepared, tmp_p
     of a step must still get its own masks."""
     import lightning as L
 
-    from bertpre.data import PretrainDataModule
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     seeds = []
 
@@ -147,10 +147,10 @@ def test_a_non_finite_loss_under_a_grad_scaler_is_skipped_without_a_crash(sample
     import lightning as L
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    from bertpre.data import PretrainDataModule
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     class LossPoison(L.Callback):
         """At step 1 the loss the guard checks is NaN (what an fp16 overflow in the forward pass gives)."""

@@ -77,10 +77,10 @@ def test_the_lightning_step_compiles_without_graph_breaks_or_shape_recompiles(sa
 def test_a_compiled_model_gets_every_batch_padded_to_the_full_length(sample_prepared):
     """Batches padded to their longest pair (rounded up to 8) vary in length, and each new length
     recompiles a compiled model; compiled, every batch is padded to the prepared length."""
-    from bertpre.data import PretrainDataModule
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     config = BertConfig(hidden_size=32, num_layers=1, num_heads=2, intermediate_size=64)
     full = PretrainDataModule(str(sample_prepared)).prepare().max_seq_length

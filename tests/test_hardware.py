@@ -1,6 +1,6 @@
 """The precision bertpre picks when a config leaves trainer.precision unset."""
 
-from bertpre.hardware import auto_precision, cpu_flags
+from bertpre.training.precision import auto_precision, cpu_flags
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
 SAPPHIRE_RAPIDS = "processor\t: 0\nflags\t\t: fpu avx2 avx512f amx_bf16 amx_tile amx_int8\n"
@@ -27,7 +27,7 @@ def test_an_unset_precision_is_chosen_printed_and_used(sample_prepared, tmp_path
     from conftest import ROOT
 
     from bertpre.cli import main
-    from bertpre.hardware import resolve_precision
+    from bertpre.training.precision import resolve_precision
 
     main(["train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--data.path", str(sample_prepared),
           "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.max_steps", "2", "--trainer.precision",
@@ -44,7 +44,7 @@ def test_the_cuda_branch_of_the_choice_runs_on_cpu(monkeypatch):
     """CI has no GPU: the CUDA branch runs here with torch's CUDA queries answered as a GPU would."""
     import torch
 
-    from bertpre.hardware import resolve_precision
+    from bertpre.training.precision import resolve_precision
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
@@ -58,8 +58,8 @@ def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_pr
                                                                         monkeypatch):
     from conftest import ROOT
 
-    from bertpre import hardware
     from bertpre.cli import main
+    from bertpre.training import precision as hardware
 
     assert hardware.emulated_bf16_warning("cpu", "bf16-mixed", cpu_flags(ZEN4)) is None
     assert hardware.emulated_bf16_warning("cpu", "32-true", cpu_flags(OLD_XEON)) is None

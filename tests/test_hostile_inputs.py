@@ -13,7 +13,7 @@ import torch
 from conftest import ROOT
 
 from bertpre.cli import main
-from bertpre.dataformat import PreparedData
+from bertpre.data.prepared import PreparedData
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 SST2_CONFIG = str(ROOT / "configs" / "finetune-sst2.yaml")
@@ -390,7 +390,7 @@ def test_a_run_in_which_no_step_succeeds_exits_non_zero(sample_prepared, pretrai
 
 
 def test_a_symlink_loop_and_a_file_named_twice_are_read_once(tmp_path):
-    from bertpre.corpus import expand_inputs
+    from bertpre.data.corpus import expand_inputs
 
     books = tmp_path / "books"
     books.mkdir()

@@ -36,8 +36,8 @@ QUICKSTART_RECIPE_WHEN_RECORDED = [
 
 def loss_curves(workdir: Path) -> dict[str, list[float]]:
     from bertpre.cli import main
-    from bertpre.pairs import PairOptions
-    from bertpre.prepare import PrepareOptions, prepare
+    from bertpre.data.pairs import PairOptions
+    from bertpre.data.prepare import PrepareOptions, prepare
 
     data = workdir / "data"
     prepare(PrepareOptions(inputs=[str(ROOT / "data_prep" / "sample")], output=data, vocab_size=2000,

@@ -2,9 +2,9 @@ import numpy as np
 import pytest
 import torch
 
-from bertpre.dataformat import PreparedData
-from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
-from bertpre.tokenizer import load_tokenizer
+from bertpre.data.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
+from bertpre.data.prepared import PreparedData
+from bertpre.data.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_a_higher_masking_rate_is_not_capped_back_to_bert_s(gutenberg_prepared, 
 
 
 def test_validation_masks_at_berts_rate_whatever_the_training_rate(sample_prepared):
-    from bertpre.data import PretrainDataModule
+    from bertpre.data.datamodule import PretrainDataModule
 
     data = PretrainDataModule(str(sample_prepared), batch_size=8, mlm_probability=0.4)
     data.setup("fit")

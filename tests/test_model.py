@@ -3,13 +3,13 @@ from dataclasses import replace
 import pytest
 import torch
 
-from bertpre.dataformat import PreparedData
+from bertpre.data.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
+from bertpre.data.prepared import PreparedData
+from bertpre.data.tokenizer import load_tokenizer
 from bertpre.errors import UserError
-from bertpre.hf import from_hf_state_dict, to_hf_state_dict, to_transformers
-from bertpre.loss import pretraining_loss
-from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
-from bertpre.model import PRESETS, BertConfig, BertForPretraining, BertForSequenceClassification
-from bertpre.tokenizer import load_tokenizer
+from bertpre.model.bert import PRESETS, BertConfig, BertForPretraining, BertForSequenceClassification
+from bertpre.model.hf import from_hf_state_dict, to_hf_state_dict, to_transformers
+from bertpre.training.loss import pretraining_loss
 
 transformers = pytest.importorskip("transformers")
 CONFIG = BertConfig.from_preset("bert-tiny", vocab_size=300)

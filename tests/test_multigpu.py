@@ -11,7 +11,8 @@ import torch
 from test_static_step import DATA_DEPENDENT, OpCounter
 
 from bertpre.errors import UserError
-from bertpre.faults import PreemptionCheckpoint, RunFolderCheck
+from bertpre.training.checkpointing import RunFolderCheck
+from bertpre.training.preemption import PreemptionCheckpoint
 
 
 class FakeStrategy:
@@ -162,10 +163,10 @@ def test_a_training_step_reads_nothing_from_the_device_and_logs_no_python_number
     model, loss, backward, clipping, the fused AdamW step, logging, bertpre's callbacks), is counted:
     no host read of a device value except at the guard's and the throughput window's checks. And
     nothing is logged as a Python number, which Lightning would copy to the device every step."""
-    from bertpre.data import PretrainDataModule
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.train import connect
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     logged = []
 
@@ -199,7 +200,7 @@ BUCKET_VIEW = """
 import sys
 import lightning as L
 from bertpre.cli import main
-from bertpre.train import BertpreCLI
+from bertpre.lightning_cli import BertpreCLI
 
 class Look(L.Callback):
     def on_train_start(self, trainer, module):
@@ -271,9 +272,9 @@ def test_a_requeued_slurm_job_resumes_from_lightnings_hpc_checkpoint(sample_prep
 def test_the_cuda_branches_of_timing_and_precision_run_as_written(monkeypatch):
     """CI has no GPU: the CUDA-only lines run here against recording stand-ins. A throughput window
     is timed between two device syncs and logs the allocator's peak; a CUDA run turns on TF32."""
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
-    from bertpre.throughput import ThroughputLogger
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
+    from bertpre.training.throughput import ThroughputLogger
 
     calls = []
     monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))

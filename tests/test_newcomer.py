@@ -4,11 +4,21 @@ text-classification pipeline -> predict --scores. Each step is the documented co
 subprocess, as a user runs it), shortened only in steps and data."""
 
 import csv
+import re
+import shlex
 import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, SAMPLE, SHARED_DATA
+from conftest import ROOT, SHARED_DATA
+
+
+def readme_quickstart() -> list[list[str]]:
+    """The quickstart's commands, as the README writes them (its code block after the set-up)."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(bertpre prepare .*?)```", text, re.S)
+    assert block, "README.md has no quickstart block starting with `bertpre prepare`"
+    return [shlex.split(line)[1:] for line in block[1].strip().splitlines()]
 
 
 def bertpre(*args, cwd):
@@ -26,14 +36,17 @@ def test_the_newcomer_path_runs_end_to_end(tmp_path):
         pytest.skip("../shared/data is not present")
     (tmp_path / "train.tsv").write_text("".join((sst2 / "train.tsv").read_text().splitlines(True)[:401]))
     (tmp_path / "dev.tsv").write_text("".join((sst2 / "dev.tsv").read_text().splitlines(True)[:101]))
-    bertpre("prepare", "--input", str(SAMPLE), "--output", "out/sample", "--vocab-size", "8192", "--overwrite",
-            cwd=tmp_path)
-    out = bertpre("train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--trainer.max_steps", "30",
-                  "--trainer.val_check_interval", "15", cwd=tmp_path)
+    prepare, train = readme_quickstart()
+    assert prepare[0] == "prepare" and train[:3] == ["train", "--config", "configs/quickstart.yaml"]
+    for link in ("data_prep", "configs"):  # the README's relative paths, from the run folder
+        (tmp_path / link).symlink_to(ROOT / link)
+    bertpre(*prepare, cwd=tmp_path)
+    out = bertpre(*train, "--trainer.max_steps", "30", "--trainer.val_check_interval", "15", cwd=tmp_path)
     assert "30/30" in out and "Tip:" not in out and "Total FLOPs" not in out and "Epoch" not in out
-    pretrained = tmp_path / "runs" / "bert-tiny" / "checkpoints" / "last.ckpt"
-    bertpre("export", str(pretrained), "--output", "out/bert-tiny-hf", cwd=tmp_path)
-    assert transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "out" / "bert-tiny-hf") is not None
+    assert (tmp_path / "runs" / "quickstart" / "logs" / "version_0" / "curves.png").is_file()
+    pretrained = tmp_path / "runs" / "quickstart" / "checkpoints" / "last.ckpt"
+    bertpre("export", str(pretrained), "--output", "out/quickstart-hf", cwd=tmp_path)
+    assert transformers.AutoModelForPreTraining.from_pretrained(tmp_path / "out" / "quickstart-hf") is not None
     bertpre("finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
             str(pretrained), "--data.train_file", "train.tsv", "--data.validation_file", "dev.tsv",
             "--trainer.max_epochs", "1", cwd=tmp_path)

@@ -4,8 +4,8 @@ import pytest
 import torch
 
 from bertpre.errors import UserError
-from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import Lamb, build_optimizer, parameter_groups, step_schedule
+from bertpre.model.bert import BertConfig, BertForPretraining
+from bertpre.training.optim import Lamb, build_optimizer, parameter_groups, step_schedule
 
 
 def test_lamb_update_rule_by_hand():
@@ -108,7 +108,7 @@ def test_optimizer_choice():
 
 
 def test_schedules_after_warmup_have_their_shapes():
-    from bertpre.optim import step_schedule
+    from bertpre.training.optim import step_schedule
 
     warmup, total = 10, 110
     for name in ("linear", "cosine", "wsd", "constant"):
@@ -125,7 +125,7 @@ def test_schedules_after_warmup_have_their_shapes():
 
 
 def test_the_time_schedule_follows_the_share_of_the_budget_used():
-    from bertpre.optim import time_schedule
+    from bertpre.training.optim import time_schedule
 
     used = [0.0]
     f = time_schedule(lambda: used[0], warmup_fraction=0.1, schedule="linear")
@@ -210,8 +210,8 @@ def test_the_share_of_a_run_is_that_of_the_budget_that_ends_it_first():
 
     from lightning.pytorch.callbacks import Timer
 
-    from bertpre.model import BertConfig
-    from bertpre.pretraining import PretrainModule
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
 
     class Clock(Timer):
         def __init__(self, elapsed, remaining):

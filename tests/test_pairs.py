@@ -3,8 +3,8 @@ import random
 import numpy as np
 import pytest
 
+from bertpre.data.pairs import PairOptions, create_instances, encode_instance, truncate_pair
 from bertpre.errors import UserError
-from bertpre.pairs import PairOptions, create_instances, encode_instance, truncate_pair
 
 
 def make_documents(sentence_lengths: list[list[int]]) -> list[list[np.ndarray]]:

@@ -27,10 +27,9 @@ def test_the_recipe_study_runs_an_arm_end_to_end(sample_prepared, tmp_path):
 def test_the_neighbour_baseline_counts_what_neighbours_tell(sample_prepared):
     """On real prose the two neighbours of a token predict it far better than its frequency; the
     unigram figure is the share of the most frequent train token among the sampled validation tokens."""
+    from bertpre.data.prepared import PreparedData
+    from bertpre.data.tokenizer import special_ids
     from studies.neighbour_baseline import neighbour_baseline
-
-    from bertpre.dataformat import PreparedData
-    from bertpre.tokenizer import special_ids
 
     r = neighbour_baseline(sample_prepared)
     prepared = PreparedData(sample_prepared)

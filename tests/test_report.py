@@ -4,7 +4,7 @@
 import pytest
 
 from bertpre.cli import main
-from bertpre.dataformat import PreparedData
+from bertpre.data.prepared import PreparedData
 
 
 def test_inspect_prints_statistics_and_draws_them(sample_prepared, tmp_path, capsys):
@@ -12,7 +12,7 @@ def test_inspect_prints_statistics_and_draws_them(sample_prepared, tmp_path, cap
     out = capsys.readouterr().out
     assert "NotNext" in out and "never used in train" in out and str(tmp_path / "report.png") in out
     assert (tmp_path / "report.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    from bertpre.report import token_counts
+    from bertpre.data.inspect import token_counts
 
     prepared = PreparedData(sample_prepared)
     counts = token_counts(prepared)

@@ -6,10 +6,10 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bertpre.dataformat import PreparedData
-from bertpre.loss import pretraining_loss
-from bertpre.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
-from bertpre.model import PRESETS, BertForPretraining
+from bertpre.data.masking import IGNORE_INDEX, Masker, MaskingCollator, default_max_predictions
+from bertpre.data.prepared import PreparedData
+from bertpre.model.bert import PRESETS, BertForPretraining
+from bertpre.training.loss import pretraining_loss
 
 # ops whose output shape or value the host must read from the data (a sync on a GPU); boolean-mask
 # indexing dispatches as `index` with a bool tensor
@@ -133,7 +133,7 @@ def guard_steps(action: str, values: list[float]):
     """Run NonFiniteGuard's per-step hook over steps whose loss and gradients hold ``values``."""
     from types import SimpleNamespace
 
-    from bertpre.faults import NonFiniteGuard
+    from bertpre.training.nonfinite import NonFiniteGuard
 
     guard = NonFiniteGuard(action, max_in_a_row=10)
     layer = torch.nn.Linear(4, 4)

@@ -7,15 +7,9 @@ from conftest import WIKITEXT, gutenberg_books
 from tokenizers import Tokenizer, pre_tokenizers
 
 from bertpre.cli import main
-from bertpre.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
-from bertpre.prepare import tokenizer_sample
-from bertpre.tokenizer import (
-    _DELETED_WHITESPACE,
-    SentenceEncoder,
-    load_tokenizer,
-    train_tokenizer,
-    word_cacheable,
-)
+from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
+from bertpre.data.prepare import tokenizer_sample
+from bertpre.data.tokenizer import _DELETED_WHITESPACE, SentenceEncoder, load_tokenizer, train_tokenizer, word_cacheable
 
 ODD_TEXT = [
     "a\x1cb c\u2028d e\x0bf\x85g h\x0ci Caf\u00e9 NA\u00cfVE \u4e2d\u6587\u5b57 x\u200by " + "z" * 150,

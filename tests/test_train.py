@@ -12,9 +12,9 @@ import pyarrow.compute as pc
 import pytest
 from conftest import ROOT, SAMPLE
 
-from bertpre.checkpoint import read_checkpoint
-from bertpre.dataformat import PreparedData
-from bertpre.export import export_checkpoint
+from bertpre.data.prepared import PreparedData
+from bertpre.model.checkpoint import read_checkpoint
+from bertpre.model.export import export_checkpoint
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 

@@ -303,7 +303,7 @@ class UnreadableInput(UserError):
     """An input file whose content cannot be read (damaged, or not the format it claims)."""
 
 
-def _read_table_batches(path: Path, fmt: str, text_field: str) -> Iterator[list]:
+def _text_column_batches(path: Path, fmt: str, text_field: str) -> Iterator[list]:
     """Batches of the text column of a Parquet file or a saved dataset, memory-mapped or streamed."""
     if fmt == "parquet":
         import pyarrow.parquet as pq
@@ -336,8 +336,8 @@ def _read_table_batches(path: Path, fmt: str, text_field: str) -> Iterator[list]
             yield batch[text_field]
 
 
-def _read_table(path: Path, fmt: str, text_field: str) -> Iterator[list[str]]:
-    for texts in _read_table_batches(path, fmt, text_field):
+def _text_column_documents(path: Path, fmt: str, text_field: str) -> Iterator[list[str]]:
+    for texts in _text_column_batches(path, fmt, text_field):
         for text in texts:
             if text is None:
                 continue
@@ -368,7 +368,7 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
         stats.input_bytes += input_size(path)
         before = _invalid_bytes.count
         if fmt in ("parquet", "dataset"):
-            documents = _read_table(path, fmt, options.text_field)
+            documents = _text_column_documents(path, fmt, options.text_field)
         elif fmt == "jsonl":
             documents = _read_jsonl(path, options.text_field)
         elif fmt == "prose":

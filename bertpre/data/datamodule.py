@@ -16,10 +16,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
-from bertpre.dataformat import PreparedData
+from bertpre.data.masking import MLM_PROBABILITY, Masker, MaskingCollator, default_max_predictions
+from bertpre.data.prepared import PreparedData
 from bertpre.errors import UserError
-from bertpre.masking import MLM_PROBABILITY, Masker, MaskingCollator, default_max_predictions
-
 
 HAS_PADDING = "has_padding"  # a host-side flag added to each batch before it moves to the device
 

@@ -8,7 +8,7 @@ import time
 import lightning as L
 import torch
 
-from bertpre.model import BertConfig
+from bertpre.model.bert import BertConfig
 
 # Dense peak FLOP/s of GPUs by name fragment, the most specific first: (bf16/fp16 tensor core,
 # fp32 without TF32), from the datasheets. torch.cuda.get_device_name gives e.g. "NVIDIA H100 PCIe",

@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
+from bertpre.data.tokenizer import SpecialIds, special_ids
 from bertpre.errors import UserError
-from bertpre.tokenizer import SpecialIds, special_ids
 
 if TYPE_CHECKING:  # torch is imported where batches are made, so that `bertpre prepare` never loads it
     import torch
@@ -109,7 +109,7 @@ class MaskingCollator:
     and masks them afresh (dynamic masking), unless they carry stored masks (static masking).
 
     When examples carry a ``draw`` number (which row, in which epoch: see
-    ``bertpre.data.DrawNumbered``), a batch's masks are a function of ``seed`` and its draw
+    ``bertpre.data.datamodule.DrawNumbered``), a batch's masks are a function of ``seed`` and its draw
     numbers alone: new masks each epoch, yet the same in any process, in any loader worker,
     and after a resume. Otherwise they come from torch's generator.
     """

@@ -18,7 +18,7 @@ from tokenizers import Tokenizer
 from torch import Tensor
 
 from bertpre.errors import UserError
-from bertpre.model import BertConfig, BertForPretraining
+from bertpre.model.bert import BertConfig, BertForPretraining
 
 GLOBAL_NAMES = {
     "embeddings.word.weight": "bert.embeddings.word_embeddings.weight",
@@ -202,7 +202,7 @@ def read_hf_dir(directory: Path) -> tuple[BertConfig, dict[str, Tensor], Tokeniz
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     elif (directory / "vocab.txt").is_file():
-        from bertpre.tokenizer import load_tokenizer
+        from bertpre.data.tokenizer import load_tokenizer
 
         lowercase = json.loads((directory / "tokenizer_config.json").read_text()).get("do_lower_case", True) \
             if (directory / "tokenizer_config.json").is_file() else True

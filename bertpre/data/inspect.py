@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
-from bertpre.dataformat import PreparedData, summary
+from bertpre.data.prepared import PreparedData, summary
 from bertpre.errors import UserError
 from bertpre.outputs import atomic_write, check_apart
 

@@ -9,7 +9,7 @@ time, in ``num_proc`` processes, and NotNext partners are drawn from the same bl
 Output files are written batch by batch and never read back. Everything is written into a
 staging folder that is renamed to the output only once complete.
 
-The folder's layout, record and reader live in ``bertpre.dataformat``.
+The folder's layout, record and reader live in ``bertpre.data.prepared``.
 """
 
 from __future__ import annotations
@@ -31,8 +31,10 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from bertpre.corpus import CorpusOptions, CorpusStats, expand_inputs, input_size, read_documents
-from bertpre.dataformat import (
+from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, input_size, read_documents
+from bertpre.data.masking import Masker, default_max_predictions
+from bertpre.data.pairs import Document, Instance, PairOptions, create_instances, encode_instance
+from bertpre.data.prepared import (
     SPLITS,
     PrepareRecord,
     SplitFiles,
@@ -41,11 +43,7 @@ from bertpre.dataformat import (
     encode_pairs,
     histogram_edges,
 )
-from bertpre.errors import UserError
-from bertpre.masking import Masker, default_max_predictions
-from bertpre.outputs import staged_output
-from bertpre.pairs import Document, Instance, PairOptions, create_instances, encode_instance
-from bertpre.tokenizer import (
+from bertpre.data.tokenizer import (
     SentenceEncoder,
     check_vocab_size,
     load_tokenizer,
@@ -54,6 +52,8 @@ from bertpre.tokenizer import (
     train_tokenizer,
     vocab_fingerprint,
 )
+from bertpre.errors import UserError
+from bertpre.outputs import staged_output
 
 BLOCK_CHARS = 2_000_000  # characters of text paired together (about 500k tokens); bounds memory
 
@@ -293,7 +293,7 @@ def processed_blocks(blocks: Iterator[TextBlock], tokenizer: Tokenizer, options:
     methods = multiprocessing.get_all_start_methods()
     context = multiprocessing.get_context("forkserver" if "forkserver" in methods else "spawn")
     if "forkserver" in methods:
-        context.set_forkserver_preload(["bertpre.prepare"])
+        context.set_forkserver_preload(["bertpre.data.prepare"])
     previous = os.environ.get("TOKENIZERS_PARALLELISM")
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; no fork warning
     try:

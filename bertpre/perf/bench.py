@@ -23,14 +23,14 @@ from dataclasses import asdict, dataclass
 
 import torch
 
+from bertpre.data.masking import default_max_predictions, prediction_slots
 from bertpre.errors import UserError
-from bertpre.hardware import emulated_bf16_warning
-from bertpre.hf import to_transformers
-from bertpre.loss import pretraining_loss
-from bertpre.masking import default_max_predictions, prediction_slots
-from bertpre.model import BertConfig, BertForPretraining
-from bertpre.optim import adamw_implementation, parameter_groups
-from bertpre.throughput import model_flops_per_token, peak_flops
+from bertpre.model.bert import BertConfig, BertForPretraining
+from bertpre.model.hf import to_transformers
+from bertpre.training.loss import pretraining_loss
+from bertpre.training.optim import adamw_implementation, parameter_groups
+from bertpre.training.precision import emulated_bf16_warning
+from bertpre.training.throughput import model_flops_per_token, peak_flops
 
 FRAMEWORKS = ("bertpre", "transformers")
 
@@ -116,7 +116,7 @@ def _sync(device: torch.device) -> None:
 
 def _peak_rss_mb(framework: str, options: BenchOptions) -> float:
     """Peak RSS of a fresh process running warm-up plus two steps of one framework (CPU)."""
-    code = "import json, sys; from bertpre.bench import _rss_worker; print(_rss_worker(sys.argv[1], sys.argv[2]))"
+    code = "import json, sys; from bertpre.perf.bench import _rss_worker; print(_rss_worker(sys.argv[1], sys.argv[2]))"
     done = subprocess.run([sys.executable, "-c", code, framework, json.dumps(asdict(options))],
                           capture_output=True, text=True, check=True)
     return float(done.stdout.strip().splitlines()[-1])

@@ -22,8 +22,8 @@ import torch
 from tokenizers import Tokenizer
 
 from bertpre.errors import UserError
-from bertpre.hf import from_hf_state_dict, read_hf_dir
-from bertpre.model import DROPOUT_FIELDS, BertConfig, BertForPretraining, BertForSequenceClassification
+from bertpre.model.bert import DROPOUT_FIELDS, BertConfig, BertForPretraining, BertForSequenceClassification
+from bertpre.model.hf import from_hf_state_dict, read_hf_dir
 
 CHECKPOINT_KEY = "bertpre"  # written by `bertpre train` / `bertpre import`
 TASK_KEY = "bertpre_task"  # written by `bertpre finetune`
@@ -86,32 +86,6 @@ def strip_prefix(state: dict[str, torch.Tensor], prefix: str) -> dict[str, torch
 def model_state(checkpoint: dict) -> dict[str, torch.Tensor]:
     """The pretraining model's weights from a checkpoint read by ``read_checkpoint``."""
     return strip_prefix(checkpoint["state_dict"], MODEL_PREFIX)
-
-
-def _step_of(path: Path) -> int:
-    digits = path.stem.rsplit("step=", 1)[-1] if "step=" in path.stem else ""
-    return int(digits) if digits.isdigit() else -1
-
-
-def checkpoint_dir(trainer) -> Path:
-    """Where a run's checkpoints go: the checkpoint callback's folder, else ``<run>/checkpoints``."""
-    callback = trainer.checkpoint_callback
-    dirpath = getattr(callback, "dirpath", None)
-    return Path(dirpath) if dirpath else Path(trainer.default_root_dir) / "checkpoints"
-
-
-def run_checkpoints(directory: Path) -> list[Path]:
-    """The checkpoints in a run's checkpoint folder, oldest first (by modification time, with
-    ``last.ckpt`` after a step file of the same time, then by step)."""
-    if not directory.is_dir():
-        return []
-    return sorted(directory.glob("*.ckpt"), key=lambda p: (p.stat().st_mtime, p.name == "last.ckpt", _step_of(p)))
-
-
-def newest_good_checkpoint(directory: Path, exclude: Path | None = None) -> Path | None:
-    """The newest complete checkpoint in ``directory``."""
-    candidates = [p for p in reversed(run_checkpoints(directory)) if p != exclude]
-    return next((p for p in candidates if checkpoint_problem(p) is None), None)
 
 
 def build_model(config: dict, state: dict[str, torch.Tensor], source: str,

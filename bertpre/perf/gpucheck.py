@@ -25,19 +25,16 @@ too: the project's tests run it, so that on a GPU only the GPU can fail.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
 import platform
 import re
 import signal
-import statistics
 import subprocess
 import sys
 import time
 import traceback
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -46,8 +43,18 @@ import yaml
 
 from bertpre.errors import UserError
 from bertpre.outputs import atomic_write, check_replaceable
+from bertpre.perf.gpucheck_results import (
+    format_table,
+    last_line,
+    mean_of_quarter,
+    read_metrics,
+    read_metrics_versions,
+    series,
+    throughput,
+    time_ms,
+)
 
-ROOT = Path(__file__).resolve().parents[1]  # the repository: configs/ and data_prep/sample
+ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and data_prep/sample
 # a model small enough for a CPU, for --miniature: every other setting is the shipped config's
 MINIATURE_MODEL = ["--model.config.hidden_size", "64", "--model.config.num_layers", "2",
                    "--model.config.num_heads", "2", "--model.config.intermediate_size", "128"]
@@ -171,7 +178,7 @@ class Check:
         done = self.bertpre("prepare", "--input", *self.o.inputs, "--output", str(self.data), "--vocab-size", vocab,
                             "--max-seq-length", str(self.o.seq_length), "--overwrite", log="prepare")
         if done.returncode:
-            return {"ok": False, "error": _last_line(done)}
+            return {"ok": False, "error": last_line(done)}
         splits = json.loads((self.data / "prepare.json").read_text())["splits"]
         return {"ok": True, "splits": splits}
 
@@ -194,13 +201,13 @@ class Check:
 
     def _training_result(self, run: str, done: subprocess.CompletedProcess, steps: int) -> dict:
         if done.returncode:
-            return {"ok": False, "error": _last_line(done)}
+            return {"ok": False, "error": last_line(done)}
         metrics = read_metrics(self.work / "runs" / run)
         losses = series(metrics, "train/loss")
         result = {"steps": steps, "loss_first": losses[0][1] if losses else None,
                   "loss_last": losses[-1][1] if losses else None, **throughput(metrics)}
         finite = bool(losses) and all(math.isfinite(v) for _, v in losses)
-        falling = bool(losses) and _mean_tail(losses, last=False) > _mean_tail(losses, last=True)
+        falling = bool(losses) and mean_of_quarter(losses, last=False) > mean_of_quarter(losses, last=True)
         result.update(loss_finite=finite, loss_falling=falling, ok=finite and falling and f"trained {steps} steps"
                       in done.stdout)
         val = {k: v[-1][1] for k in ("val/mlm_accuracy", "val/mlm_context_gain") if (v := series(metrics, k))}
@@ -243,7 +250,7 @@ class Check:
         killed_at = max((int(p.stem.split("step=")[1]) for p in directory.glob("*step=*.ckpt")), default=0)
         done = self.bertpre(*args, "--ckpt_path", "last", log="resumed")
         if done.returncode:
-            return {"ok": False, "error": _last_line(done)}
+            return {"ok": False, "error": last_line(done)}
         reference = dict(series(read_metrics(self.work / "runs" / "eager"), "train/loss"))
         versions = [series(rows, "train/loss") for rows in read_metrics_versions(self.work / "runs" / run)]
         if len(versions) < 2:
@@ -274,14 +281,14 @@ class Check:
             extra += ["--config", str(overlay)]
         done = self.bertpre(*self.train_args("fp16", steps, *extra), log="fp16")
         if done.returncode:
-            return {"ok": False, "error": _last_line(done)}
+            return {"ok": False, "error": last_line(done)}
         losses = series(read_metrics(self.work / "runs" / "fp16"), "train/loss")
         finite = bool(losses) and all(math.isfinite(v) for _, v in losses)
         return {"ok": finite and f"trained {steps} steps" in done.stdout, "steps": steps, "loss_finite": finite,
                 "skipped_lines": done.stdout.count("batch skipped")}
 
     def _bench(self, compile: bool) -> dict:
-        from bertpre.bench import BenchOptions, run_bench
+        from bertpre.perf.bench import BenchOptions, run_bench
 
         options = BenchOptions(preset="bert-tiny" if self.o.miniature else self.o.preset,
                                batch_size=self.o.batch_size, seq_length=self.o.seq_length,
@@ -301,7 +308,7 @@ class Check:
         and a padding mask (the kernel a padded batch gets)."""
         from torch.nn.attention import SDPBackend, sdpa_kernel
 
-        from bertpre.model import BertConfig
+        from bertpre.model.bert import BertConfig
 
         config = BertConfig.from_preset(self.o.preset)
         heads, size = (2, 32) if self.o.miniature else (config.num_heads, config.hidden_size // config.num_heads)
@@ -323,10 +330,10 @@ class Check:
                 out.sum().backward()
             try:
                 if backend is None:
-                    timings[name] = _time(step, self.device)
+                    timings[name] = time_ms(step, self.device)
                 else:
                     with sdpa_kernel([backend]):
-                        timings[name] = _time(step, self.device)
+                        timings[name] = time_ms(step, self.device)
             except RuntimeError as e:
                 timings[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
         # the q/k/v projections as the model computes them (one product of the three weights
@@ -341,14 +348,14 @@ class Check:
         def fused():
             torch.nn.functional.linear(x, torch.cat(weights)).sum().backward()
 
-        projections = {"q/k/v separate": _time(separate, self.device), "q/k/v fused": _time(fused, self.device)}
+        projections = {"q/k/v separate": time_ms(separate, self.device), "q/k/v fused": time_ms(fused, self.device)}
         return {"ok": True, "shape": [B, heads, T, size], "dtype": str(dtype), "ms": timings,
                 "projections_ms": projections}
 
     def stage_large(self) -> dict:
-        from bertpre.bench import BenchOptions, _build
-        from bertpre.model import BertConfig
-        from bertpre.throughput import model_flops_per_token, peak_flops
+        from bertpre.model.bert import BertConfig
+        from bertpre.perf.bench import BenchOptions, _build
+        from bertpre.training.throughput import model_flops_per_token, peak_flops
 
         rows, largest = [], None
         config = BertConfig.from_preset(self.o.large_preset, vocab_size=self.o.vocab_size)
@@ -363,7 +370,7 @@ class Check:
                     torch.cuda.empty_cache()
                     torch.cuda.reset_peak_memory_stats(self.device)
                 step = _build("bertpre", options, self.device, config=config)[1]  # the step holds the model
-                seconds = _time(step, self.device, repeats=3 if self.o.miniature else 5)
+                seconds = time_ms(step, self.device, repeats=3 if self.o.miniature else 5)
             except torch.cuda.OutOfMemoryError:
                 rows.append({"batch_size": batch, "fits": False})
                 break
@@ -387,7 +394,7 @@ class Check:
                             "1024" if self.o.miniature else "8192", "--max-seq-length", "64", "--overwrite",
                             log="recipe-prepare")
         if done.returncode:
-            return {"ok": False, "error": _last_line(done)}
+            return {"ok": False, "error": last_line(done)}
         minutes = self.o.recipe_minutes
         seconds = max(1, round(60 * minutes))
         args = ["train", "--config", str(ROOT / "configs" / "bert-mini-cpu.yaml"), "--data.path", str(data),
@@ -403,7 +410,7 @@ class Check:
             args += ["--trainer.val_check_interval", "2000"]
         done = self.bertpre(*args, log="recipe")
         if done.returncode:
-            return {"ok": False, "error": _last_line(done)}
+            return {"ok": False, "error": last_line(done)}
         metrics = read_metrics(self.work / "runs" / "recipe")
         curve = [(s, v) for s, v in series(metrics, "val/mlm_accuracy")]
         gains = dict(series(metrics, "val/mlm_context_gain"))
@@ -415,91 +422,6 @@ class Check:
 
 
 # --- helpers ------------------------------------------------------------------------------------
-def _time(step: Callable[[], None], device: torch.device, repeats: int = 10, warmup: int = 3) -> float:
-    """Median milliseconds of ``step`` after ``warmup`` calls, each timed between device syncs."""
-    for _ in range(warmup):
-        step()
-    times = []
-    for _ in range(repeats):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        step()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(1000 * (time.perf_counter() - start))
-    return round(statistics.median(times), 3)
-
-
-def read_metrics_versions(run: Path) -> list[list[dict]]:
-    """The rows of each logs/version_N/metrics.csv of a run folder (one per process that trained it)."""
-    files = sorted(run.glob("logs/version_*/metrics.csv"), key=lambda p: int(p.parent.name.split("_")[1]))
-    versions = []
-    for path in files:
-        with open(path, newline="") as f:
-            versions.append(list(csv.DictReader(f)))
-    return versions
-
-
-def read_metrics(run: Path) -> list[dict]:
-    return [row for rows in read_metrics_versions(run) for row in rows]
-
-
-def series(rows: list[dict], key: str) -> list[tuple[int, float]]:
-    """(step, value) of every logged value of ``key``, in logging order (a resumed run's after its first)."""
-    return [(int(r["step"]), float(r[key])) for r in rows if r.get(key) not in (None, "")]
-
-
-def throughput(rows: list[dict]) -> dict:
-    """Median of the logged windows: tokens/s, MFU, peak memory (the largest)."""
-    out = {}
-    for key, name in (("perf/tokens_per_sec", "tokens_per_sec"), ("perf/mfu", "mfu"),
-                      ("perf/padding_share", "padding_share")):
-        values = [v for _, v in series(rows, key)]
-        if values:
-            out[name] = round(statistics.median(values), 4 if name != "tokens_per_sec" else None)
-    memory = [v for _, v in series(rows, "perf/peak_memory_gb")]
-    if memory:
-        out["peak_memory_gb"] = round(max(memory), 2)
-    return out
-
-
-def _mean_tail(losses: list[tuple[int, float]], last: bool) -> float:
-    part = max(1, len(losses) // 4)
-    values = [v for _, v in (losses[-part:] if last else losses[:part])]
-    return sum(values) / len(values)
-
-
-def _last_line(done: subprocess.CompletedProcess) -> str:
-    lines = [line for line in (done.stderr or done.stdout or "").strip().splitlines() if line.strip()]
-    return f"exit status {done.returncode}: {lines[-1] if lines else 'no output'}"
-
-
-def format_table(results: dict) -> str:
-    lines = []
-    env = results["stages"].get("environment", {})
-    lines.append(f"machine: {env.get('gpu', env.get('device'))}, torch {env.get('torch')}, CUDA {env.get('cuda')}")
-    lines.append(f"{'stage':<16}{'ok':<5}{'s':>7}  figures")
-    for name, r in results["stages"].items():
-        figures = []
-        for key in ("tokens_per_sec", "mfu", "peak_memory_gb", "loss_first", "loss_last", "speedup_over_eager",
-                    "graph_breaks", "recompiles", "unexpected_recompiles", "max_relative_loss_difference",
-                    "before_kill_max_relative_difference", "killed_at_step", "speedup",
-                    "largest_batch", "val_mlm_accuracy", "val_mlm_context_gain", "steps", "error"):
-            if key in r and r[key] is not None:
-                value = r[key]
-                figures.append(f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}")
-        if name.startswith("bench") and "bertpre" in r:
-            figures.append(f"bertpre {r['bertpre']['tokens_per_s']} tok/s, mfu {r['bertpre']['mfu']}, "
-                           f"{r['bertpre']['peak_memory_mb']} MB; transformers {r['transformers']['tokens_per_s']} "
-                           f"tok/s, {r['transformers']['peak_memory_mb']} MB")
-        if name == "attention":
-            timed = {**r.get("ms", {}), **r.get("projections_ms", {})}
-            figures.append("; ".join(f"{k} {v}" for k, v in timed.items()))
-        lines.append(f"{name:<16}{'yes' if r.get('ok') else 'NO':<5}{r.get('seconds', 0):>7}  {', '.join(figures)}")
-    return "\n".join(lines)
-
-
 def run_gpu_check(options: GpuCheckOptions) -> dict:
     if not (ROOT / "configs").is_dir():
         raise UserError(f"configs/ not found beside the bertpre package ({ROOT}): run gpu-check from a checkout "

@@ -3,8 +3,8 @@
 Post-LN encoder (or pre-LN with ``norm_placement="pre"``), learned absolute positions,
 exact (erf) GELU, a pooler on [CLS], an MLM head whose decoder is tied to the word
 embeddings, and an NSP head. Every parameter of the post-LN model has a counterpart in
-transformers' ``BertForPreTraining`` (see ``bertpre.hf``). The loss is
-computed outside the model (``bertpre.loss``). Shapes: B batch, T tokens, H hidden,
+transformers' ``BertForPreTraining`` (see ``bertpre.model.hf``). The loss is
+computed outside the model (``bertpre.training.loss``). Shapes: B batch, T tokens, H hidden,
 N heads, D head size, V vocabulary, P predicted positions.
 """
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from bertpre.masking import IGNORE_INDEX
+from bertpre.data.masking import IGNORE_INDEX
 
 
 def ordinary_ids(vocab_size: int, special: list[int]) -> Tensor:

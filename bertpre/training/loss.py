@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100  # an empty prediction slot (as bertpre.masking.IGNORE_INDEX)
+IGNORE_INDEX = -100  # an empty prediction slot (as bertpre.data.masking.IGNORE_INDEX)
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """LightningModule for MLM + NSP pretraining.
 
-The model is built in ``configure_model``, after ``bertpre.train.connect`` has handed it what
+The model is built in ``configure_model``, after ``bertpre.lightning_cli.connect`` has handed it what
 it needs from the prepared data (``use_data``): the vocabulary size comes from the tokenizer
 unless the config sets one (which may be larger, e.g. padded to a multiple of 64). Checkpoints carry a ``bertpre``
 entry with the resolved model config and the tokenizer, so they stand on their own.
@@ -21,22 +21,17 @@ from lightning.pytorch.callbacks import Timer
 from torchmetrics import MeanMetric, SumMetric
 
 import bertpre
-from bertpre.checkpoint import CHECKPOINT_KEY, checkpoint_dir, model_state, read_checkpoint
-from bertpre.context import ordinary_ids, random_context
-from bertpre.data import HAS_PADDING
-from bertpre.dataformat import PreparedData
+from bertpre.data.datamodule import HAS_PADDING, PretrainDataModule
+from bertpre.data.masking import IGNORE_INDEX
+from bertpre.data.prepared import PreparedData
+from bertpre.data.tokenizer import special_ids
 from bertpre.errors import UserError
-from bertpre.faults import (
-    FinalCheckpoint,
-    NonFiniteGuard,
-    all_finite,
-    check_free_space,
-    checkpoint_bytes,
-)
-from bertpre.loss import pretraining_loss
-from bertpre.masking import IGNORE_INDEX
-from bertpre.model import DROPOUT_FIELDS, INIT_ONLY_FIELDS, BertConfig, BertForPretraining, config_differences
-from bertpre.optim import (
+from bertpre.model.bert import DROPOUT_FIELDS, INIT_ONLY_FIELDS, BertConfig, BertForPretraining, config_differences
+from bertpre.model.checkpoint import CHECKPOINT_KEY, model_state, read_checkpoint
+from bertpre.training.checkpointing import FinalCheckpoint, check_free_space, checkpoint_bytes, checkpoint_dir
+from bertpre.training.loss import pretraining_loss
+from bertpre.training.nonfinite import NonFiniteGuard, all_finite
+from bertpre.training.optim import (
     OPTIMIZERS,
     SCHEDULES,
     adamw_implementation,
@@ -45,8 +40,8 @@ from bertpre.optim import (
     step_schedule,
     time_schedule,
 )
-from bertpre.throughput import ThroughputLogger
-from bertpre.tokenizer import special_ids
+from bertpre.training.plateau import ordinary_ids, random_context
+from bertpre.training.throughput import ThroughputLogger
 
 # what a run started from another checkpoint's weights may set anew
 INIT_FROM_MAY_DIFFER = DROPOUT_FIELDS + INIT_ONLY_FIELDS
@@ -103,7 +98,7 @@ class PretrainModule(L.LightningModule):
     ) -> None:
         """
         Args:
-            config: model architecture (see bertpre.model.BertConfig)
+            config: model architecture (see bertpre.model.bert.BertConfig)
             learning_rate: peak learning rate after warmup
             weight_decay: AdamW weight decay (not applied to biases and LayerNorm)
             adam_betas: AdamW betas
@@ -164,6 +159,14 @@ class PretrainModule(L.LightningModule):
         self.context_counts = torch.nn.ModuleDict({name: SumMetric() for name in ("real", "random", "predicted")})
 
     # --- wiring ---------------------------------------------------------------------------
+    def connect(self, data: PretrainDataModule) -> None:
+        """Take the vocabulary, sequence length and tokenizer from the prepared data; a compiled
+        model has every batch padded to that length (it is never recompiled for a new one)."""
+        prepared = data.prepare()
+        self.use_data(prepared)
+        if self.compile_model:
+            data.pad_to_multiple_of = prepared.max_seq_length
+
     def use_data(self, prepared: PreparedData) -> None:
         """What the model takes from the prepared data (given where the run is assembled): the
         vocabulary, the sequence length and the tokenizer that goes into every checkpoint."""
@@ -193,7 +196,7 @@ class PretrainModule(L.LightningModule):
         if self.model is not None:
             return
         if self.tokenizer_json is None:
-            raise UserError("the pretraining module has no data: connect it first (bertpre.train.connect(model, "
+            raise UserError("the pretraining module has no data: connect it first (bertpre.lightning_cli.connect(model, "
                             "data), done by `bertpre train`)")
         self.model = BertForPretraining(self.config)
         self.model.activation_checkpointing = self.activation_checkpointing

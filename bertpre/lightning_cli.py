@@ -23,38 +23,31 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from bertpre.checkpoint import CHECKPOINT_KEY, TASK_KEY, checkpoint_dir, read_checkpoint, run_checkpoints
-from bertpre.curves import plot_curves
-from bertpre.data import PretrainDataModule
+from bertpre.data.datamodule import PretrainDataModule
 from bertpre.errors import UserError
-from bertpre.faults import (
+from bertpre.model.checkpoint import CHECKPOINT_KEY, TASK_KEY, read_checkpoint
+from bertpre.training.checkpointing import (
     AtomicCheckpointIO,
-    NonFiniteGuard,
-    PreemptionCheckpoint,
     RunFolderCheck,
     check_checkpoint_file,
     check_writable,
+    checkpoint_dir,
     resolve_ckpt_path,
+    run_checkpoints,
 )
-from bertpre.hardware import emulated_bf16_warning, resolve_precision
-from bertpre.pretraining import PretrainModule
-from bertpre.progress import ModelLine, StepProgressBar, quiet_lightning
+from bertpre.training.curves import plot_curves
+from bertpre.training.nonfinite import NonFiniteGuard
+from bertpre.training.precision import emulated_bf16_warning, resolve_precision
+from bertpre.training.preemption import PreemptionCheckpoint
+from bertpre.training.pretraining import PretrainModule
+from bertpre.training.progress import ModelLine, StepProgressBar, quiet_lightning
 
 
 def connect(model, data) -> None:
-    """The one place where data and model meet (both commands): pretraining takes the vocabulary,
-    sequence length and tokenizer from the prepared data (and a compiled model has every batch
-    padded to that length); fine-tuning exchanges the tokenizer and
-    the task's labels. Call it before ``trainer.fit(model, data)`` when using the classes directly."""
-    if isinstance(model, PretrainModule):
-        prepared = data.prepare()
-        model.use_data(prepared)
-        if model.compile_model:  # one padded length for every batch: a compiled model is never recompiled for it
-            data.pad_to_multiple_of = prepared.max_seq_length
-    else:
-        from bertpre.finetune import connect as connect_task
-
-        connect_task(model, data)
+    """The one place where data and model meet, for both commands (each module's ``connect``
+    says what it exchanges with its data). Call it before ``trainer.fit(model, data)`` when
+    using the classes directly."""
+    model.connect(data)
 
 
 class BertpreCLI(LightningCLI):
@@ -64,6 +57,8 @@ class BertpreCLI(LightningCLI):
         self.preemption = preemption  # a pretraining run's signal handling, whose stop the command reports
         super().__init__(*args, **kwargs)
 
+    # --- the two places where bertpre relies on Lightning's private API (tests/test_lightning_internals.py
+    # fails if a Lightning release changes either): _parse_ckpt_path here, _enable_version_counter below
     def _parse_ckpt_path(self) -> None:
         """Lightning reads the hyperparameters of ``ckpt_path`` here (tensors only); a damaged
         or unsafe file gets bertpre's one-line error instead of a traceback.
@@ -83,7 +78,11 @@ class BertpreCLI(LightningCLI):
         self.config = given
 
     def _checkpoint_key(self) -> str:
-        return CHECKPOINT_KEY if issubclass(self._model_class, PretrainModule) else TASK_KEY
+        return CHECKPOINT_KEY if issubclass(self.model_class, PretrainModule) else TASK_KEY
+
+    def option(self, config, key: str):
+        """``key`` (dotted, e.g. ``trainer.strategy``) of the running subcommand's ``config``."""
+        return config.get(str(self.subcommand), config).get(key)
 
     def add_arguments_to_parser(self, parser) -> None:
         # Lightning's module table lists internal rows and a FLOPs column of zeros; ModelLine prints one line
@@ -93,7 +92,7 @@ class BertpreCLI(LightningCLI):
                                  "(without it such a folder is refused unless --ckpt_path resumes it)")
 
     def instantiate_trainer(self, **kwargs):
-        strategy = self._get(self.config_init, "trainer.strategy")
+        strategy = self.option(self.config_init, "trainer.strategy")
         check_strategy(strategy)
         if strategy == "ddp":
             # gradients as views into DDP's all-reduce buckets: no copy of every gradient into the buckets
@@ -101,13 +100,13 @@ class BertpreCLI(LightningCLI):
             from lightning.pytorch.strategies import DDPStrategy
 
             kwargs["strategy"] = DDPStrategy(gradient_as_bucket_view=True)
-        root = Path(self._get(self.config_init, "trainer.default_root_dir") or ".")
+        root = Path(self.option(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
-        plugins = self._get(self.config_init, "trainer.plugins") or []
+        plugins = self.option(self.config_init, "trainer.plugins") or []
         plugins = plugins if isinstance(plugins, list) else [plugins]
-        if self._get(self.config_init, "trainer.precision") is None and not any(
+        if self.option(self.config_init, "trainer.precision") is None and not any(
                 isinstance(p, Precision) for p in plugins):
-            precision, why = resolve_precision(self._get(self.config_init, "trainer.accelerator"))
+            precision, why = resolve_precision(self.option(self.config_init, "trainer.accelerator"))
             kwargs["precision"] = precision
             if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
                 print(f"precision {precision} (trainer.precision unset: {why})", flush=True)
@@ -116,7 +115,7 @@ class BertpreCLI(LightningCLI):
         if warning and trainer.is_global_zero:
             print(warning, flush=True)
         root = Path(trainer.default_root_dir)
-        if self._get(self.config, "trainer.logger") in (None, True):
+        if self.option(self.config, "trainer.logger") in (None, True):
             tensorboard = TensorBoardLogger(root, name="logs", default_hp_metric=False)
             trainer.loggers = [tensorboard, CSVLogger(root, name="logs", version=tensorboard.version)]
             self.log_dirs.append(Path(tensorboard.log_dir))
@@ -126,7 +125,7 @@ class BertpreCLI(LightningCLI):
                     callback.dirpath = str(root / "checkpoints")
                 # last.ckpt is always this run's newest (no last-v1.ckpt beside a stale last.ckpt); another
                 # run's checkpoints are refused in before_fit, so nothing else of value can be replaced
-                callback._enable_version_counter = False
+                callback._enable_version_counter = False  # Lightning private (see _parse_ckpt_path)
         trainer.strategy.checkpoint_io = AtomicCheckpointIO()
         # Lightning's default bar counts batches per epoch (`Epoch 0/-2` in a step-based run); a user's own
         # progress bar class is kept
@@ -202,7 +201,8 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
     if argv and argv[0] in ("fit", "validate", "test", "predict"):
         raise UserError(f"`bertpre {command}` runs Lightning's fit; drop the {argv[0]!r}")
     if command == "finetune":
-        from bertpre.finetune import ClassifierModule, TaskDataModule
+        from bertpre.tasks.classifier import ClassifierModule
+        from bertpre.tasks.datamodule import TaskDataModule
 
         classes = (ClassifierModule, TaskDataModule)
     else:
@@ -249,7 +249,7 @@ def train_cli(argv: list[str], command: str = "train") -> BertpreCLI:
 
 
 def check_strategy(strategy) -> None:
-    """Sharded strategies are refused: gradient clipping (``bertpre.optim.clip_gradients``) and LAMB's
+    """Sharded strategies are refused: gradient clipping (``bertpre.training.optim.clip_gradients``) and LAMB's
     trust ratios take norms of the gradients and weights a process holds, which under FSDP or
     DeepSpeed are shards, so each rank would clip and scale by its own shard's norm."""
     name = strategy if isinstance(strategy, str) else type(strategy).__name__

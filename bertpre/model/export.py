@@ -8,7 +8,7 @@
 - ``import_hf``: a BertForPreTraining / BertForMaskedLM / BertModel directory -> a bertpre
   checkpoint for ``model.init_from`` (continued pretraining); missing heads are
   initialised as BERT does and reported.
-- ``load_pretrained`` (in ``bertpre.checkpoint``): the model and tokenizer from either.
+- ``load_pretrained`` (in ``bertpre.model.checkpoint``): the model and tokenizer from either.
 
 Weights are read with safetensors or ``torch.load(weights_only=True)``; nothing from a
 checkpoint or a directory is executed.
@@ -25,18 +25,19 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 import bertpre
-from bertpre.checkpoint import (
+from bertpre.data.tokenizer import SPECIAL_TOKENS, save_tokenizer, special_ids, vocab_fingerprint
+from bertpre.errors import UserError
+from bertpre.model.bert import BertForPretraining
+from bertpre.model.checkpoint import (
     CHECKPOINT_KEY,
     MODEL_PREFIX,
     TASK_KEY,
     build_model,
     load_classifier,
-    load_pretrained,  # noqa: F401  (its home before bertpre.checkpoint)
     model_state,
     read_checkpoint,
 )
-from bertpre.errors import UserError
-from bertpre.hf import (
+from bertpre.model.hf import (
     HF_TIED,
     PRE_LN,
     from_hf_state_dict,
@@ -47,9 +48,7 @@ from bertpre.hf import (
     to_hf_state_dict,
     to_pre_ln_hf_state_dict,
 )
-from bertpre.model import BertForPretraining
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock, staged_output
-from bertpre.tokenizer import SPECIAL_TOKENS, save_tokenizer, special_ids, vocab_fingerprint
 
 
 def _hf_tokenizer_config(tokenizer: Tokenizer, model_max_length: int) -> dict:

@@ -5,7 +5,7 @@ Arrow stream files (``arrow_schema``, written by ``encode_pairs`` and ``SplitFil
 ``datasets.Dataset.from_file`` memory-maps. ``PrepareRecord`` is ``prepare.json``,
 ``PreparedData`` reads a folder for training, ``combine`` joins the folders of sharded runs;
 ``staged_output`` writes any of them so that an interrupted run never leaves one that looks
-complete. The pipeline that produces a folder is ``bertpre.prepare``.
+complete. The pipeline that produces a folder is ``bertpre.data.prepare``.
 """
 
 from __future__ import annotations
@@ -23,10 +23,10 @@ import pyarrow as pa
 from tokenizers import Tokenizer
 
 import bertpre
-from bertpre.corpus import CorpusCounts
+from bertpre.data.corpus import CorpusCounts
+from bertpre.data.tokenizer import load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 from bertpre.errors import UserError
 from bertpre.outputs import staged_output
-from bertpre.tokenizer import load_tokenizer, save_tokenizer, special_ids, vocab_fingerprint
 
 SCHEMA_VERSION = 3  # 3: prepare.json holds each value once; 2: dataset/{split}-NNNNN.arrow files (1: save_to_disk)
 READABLE_SCHEMAS = (2, 3)  # the data files of 2 and 3 are the same

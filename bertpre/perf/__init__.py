@@ -1,0 +1,1 @@
+"""Speed: ``bertpre bench`` (bertpre's step against transformers') and ``bertpre gpu-check``."""

@@ -1,0 +1,54 @@
+"""``bertpre predict``: label a table with a fine-tuned checkpoint (no Lightning)."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import torch
+
+from bertpre.data.tokenizer import special_ids
+from bertpre.errors import UserError
+from bertpre.model.checkpoint import load_classifier
+from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
+from bertpre.tasks.table import collate, encode_rows, read_table
+
+
+def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_path: str | Path,
+                 batch_size: int = 64, overwrite: bool = False, scores: bool = False) -> int:
+    """Write ``prediction`` (with ``scores``: one ``p_<label>`` probability column per class)
+    and the input's columns for every row of ``input_path`` (.tsv, .csv or .jsonl) as a TSV;
+    returns the row count."""
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be at least 1, got {batch_size}")
+    check_apart(output_path, [input_path, checkpoint_path])
+    check_replaceable(output_path, overwrite, "file")
+    model, tokenizer, task = load_classifier(checkpoint_path)
+    rows = read_table(input_path)
+    encoded = encode_rows(rows, str(input_path), tokenizer, task["columns"], labels=None)
+    probabilities = []
+    with torch.no_grad():
+        for start in range(0, len(encoded), batch_size):
+            batch = collate(encoded[start : start + batch_size], special_ids(tokenizer).pad)
+            logits = model(batch["input_ids"], batch["token_type_ids"], batch["attention_mask"])  # (B, labels)
+            probabilities.append(logits.float().softmax(-1))
+    probabilities = torch.cat(probabilities)  # (rows, labels)
+    assert len(probabilities) == len(rows), "one prediction per row"
+    labels = task["labels"]
+    predictions = probabilities.argmax(-1).tolist()
+    score_columns = [f"p_{label}" for label in labels] if scores else []
+
+    def write(f) -> None:
+        text = io.TextIOWrapper(f, encoding="utf-8", newline="")
+        writer = csv.writer(text, delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\")
+        writer.writerow(["prediction", *score_columns, *rows[0].keys()])
+        for row, p, probs in zip(rows, predictions, probabilities.tolist()):
+            shown = [f"{q:.6f}" for q in probs] if scores else []
+            writer.writerow([labels[p], *shown, *row.values()])
+        text.flush()
+        text.detach()
+
+    with output_lock(output_path):
+        atomic_write(output_path, write, what=f"--output {output_path}")
+    return len(rows)
