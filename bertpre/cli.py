@@ -89,9 +89,14 @@ def prepare_parser():
                      help="reuse a tokenizer.json, a vocab.txt or an earlier prepare's output instead of training one")
     _tokenizer_training_arguments(tok)
     pairs = p.add_argument_group("sentence pairs")
+    pairs.add_argument("--objective", default="nsp",  # checked by PairOptions: one line naming the choices
+                       help="the sentence objective the data is made for: nsp (BERT: B follows A or is random), sop "
+                            "(ALBERT: A and B consecutive, swapped half the time) or none (RoBERTa: full sequences "
+                            "of one segment, MLM only); training follows the data")
     pairs.add_argument("--max-seq-length", type=int, default=128,
                        help="tokens per pair, [CLS] A [SEP] B [SEP] included (the model's sequence length)")
-    pairs.add_argument("--short-seq-prob", type=float, default=0.1, help="probability of a shorter target length")
+    pairs.add_argument("--short-seq-prob", type=float, default=None,
+                       help="probability of a shorter target length (default 0.1; 0 for --objective none)")
     pairs.add_argument("--nsp-probability", type=float, default=0.5, help="probability that B is a random segment")
     pairs.add_argument("--validation-fraction", type=float, default=0.05,
                        help="fraction of documents held out for validation")
@@ -109,14 +114,14 @@ def prepare_parser():
 def run_prepare(argv: Sequence[str]) -> None:
     from bertpre.data.pairs import PairOptions
     from bertpre.data.prepare import PrepareOptions, prepare
-    from bertpre.data.prepared import summary
+    from bertpre.data.summary import summary
 
     args = prepare_parser().parse_args(argv)
     options = PrepareOptions(
         inputs=args.input,
         output=args.output,
         corpus=_corpus_options(args),
-        pairs=PairOptions(args.max_seq_length, args.short_seq_prob, args.nsp_probability),
+        pairs=PairOptions(args.max_seq_length, args.short_seq_prob, args.nsp_probability, args.objective),
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         cased=args.cased,
@@ -171,7 +176,8 @@ def combine_parser() -> argparse.ArgumentParser:
 
 
 def run_combine(argv: Sequence[str]) -> None:
-    from bertpre.data.prepared import combine, summary
+    from bertpre.data.prepared import combine
+    from bertpre.data.summary import summary
 
     p = combine_parser()
     args = p.parse_args(argv)

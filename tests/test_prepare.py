@@ -183,7 +183,7 @@ def test_a_sentence_longer_than_a_pair_is_split_not_truncated_away(sample_prepar
     used = split.pair_tokens - split.truncated_tokens  # the line's tokens that made it into pairs
     assert used >= 0.7 * split.tokens, split
     assert 0.3 < record.fraction("not_next") < 0.7, "pieces of the line pair up as IsNext too"
-    from bertpre.data.prepared import summary
+    from bertpre.data.summary import summary
 
     assert "% of the text" in summary(record, tmp_path / "out")
 
@@ -191,7 +191,7 @@ def test_a_sentence_longer_than_a_pair_is_split_not_truncated_away(sample_prepar
 def test_truncation_loss_is_counted_and_warned_about(gutenberg_prepared):
     """Google's pairing ends a chunk with the sentence that crosses the target length and cuts the
     pair to max_seq_length: on books at seq 128 that drops a measurable share of the text."""
-    from bertpre.data.prepared import summary
+    from bertpre.data.summary import summary
 
     record = PrepareRecord.read(gutenberg_prepared / "prepare.json")
     assert 0 < record.total.truncated_tokens and 0.05 < record.truncated_token_fraction < 0.3, record.total
@@ -200,7 +200,7 @@ def test_truncation_loss_is_counted_and_warned_about(gutenberg_prepared):
 
 
 def test_a_corpus_too_small_for_its_vocabulary_is_warned_about(tmp_path):
-    from bertpre.data.prepared import summary
+    from bertpre.data.summary import summary
 
     (tmp_path / "one.txt").write_text("Just one short sentence here.\n\nAnd a second document too.\n")
     record = prepare(PrepareOptions(inputs=[str(tmp_path / "one.txt")], output=tmp_path / "out", vocab_size=8192,

@@ -1,7 +1,7 @@
 """``bertpre inspect``: the statistics of a prepared folder, printed and drawn.
 
-The figure has three panels: the sequence-length histogram, the IsNext / NotNext split per
-dataset split, and the token-frequency curve (count against rank, log-log) counted over the
+The figure has three panels: the sequence-length histogram, the sentence labels per dataset
+split (IsNext / NotNext for nsp, in order / swapped for sop; none has none), and the token-frequency curve (count against rank, log-log) counted over the
 training split, with the share of [UNK] and the number of vocabulary entries never used.
 """
 
@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from bertpre.data.prepared import PreparedData, summary
+from bertpre.data.prepared import PreparedData
+from bertpre.data.summary import summary
 from bertpre.errors import UserError
 from bertpre.outputs import atomic_write, check_apart
 
@@ -25,6 +26,25 @@ def token_counts(prepared: PreparedData, split: str = "train", batch_rows: int =
         ids = batch.column(0).flatten().to_numpy(zero_copy_only=False)
         counts += np.bincount(ids, minlength=prepared.vocab_size)[: prepared.vocab_size]
     return counts
+
+
+def _draw_labels(ax, record) -> None:
+    """The sentence labels per split: IsNext / NotNext (nsp), in order / swapped (sop); none has none."""
+    if record.objective == "none":
+        ax.text(0.5, 0.5, "no sentence labels\n(--objective none: MLM only)", ha="center", va="center")
+        ax.set(title="sentence labels", xticks=[], yticks=[])
+        return
+    kept, flipped = ("IsNext", "NotNext") if record.objective == "nsp" else ("in order", "swapped")
+    names = [n for n, s in record.splits.items() if s.instances]
+    flip = [record.splits[n].not_next for n in names]
+    keep = [record.splits[n].instances - k for n, k in zip(names, flip)]
+    ax.bar(names, keep, label=kept)
+    ax.bar(names, flip, bottom=keep, label=flipped)
+    for i, (a, b) in enumerate(zip(keep, flip)):
+        ax.text(i, a + b, f"{100 * b / max(a + b, 1):.1f}% {flipped}", ha="center", va="bottom")
+    title = "next-sentence labels" if record.objective == "nsp" else "sentence-order labels"
+    ax.set(title=title, ylabel="pairs", ylim=(0, 1.2 * max(a + b for a, b in zip(keep, flip))))
+    ax.legend(loc="upper right")
 
 
 def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
@@ -59,15 +79,7 @@ def inspect(path: str, plot: str | None = None) -> tuple[str, Path]:
     edges = record.histogram_edges
     lengths.bar(edges[:-1], record.total.length_counts, width=np.diff(edges), align="edge", edgecolor="black")
     lengths.set(title="sequence length", xlabel="tokens", ylabel="pairs (log scale)", yscale="log")
-    names = [n for n, s in record.splits.items() if s.instances]
-    not_next = [record.splits[n].not_next for n in names]
-    is_next = [record.splits[n].instances - k for n, k in zip(names, not_next)]
-    nsp.bar(names, is_next, label="IsNext")
-    nsp.bar(names, not_next, bottom=is_next, label="NotNext")
-    for i, (a, b) in enumerate(zip(is_next, not_next)):
-        nsp.text(i, a + b, f"{100 * b / max(a + b, 1):.1f}% NotNext", ha="center", va="bottom")
-    nsp.set(title="next-sentence labels", ylabel="pairs", ylim=(0, 1.2 * max(a + b for a, b in zip(is_next, not_next))))
-    nsp.legend(loc="upper right")
+    _draw_labels(nsp, record)
     ranked = np.sort(ordinary[ordinary > 0])[::-1]
     freq.loglog(np.arange(1, len(ranked) + 1), ranked)
     freq.set(title=f"token frequency (train; {unused} of {len(ordinary)} ids unused)", xlabel="rank",

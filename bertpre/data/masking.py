@@ -153,15 +153,18 @@ class MaskingCollator:
             cols = np.concatenate(chosen)
             labels[rows, cols] = self.masker.apply(input_ids, rows, cols, rng)
         positions, slot_labels = prediction_slots(labels, self.masker.max_predictions)
-        return {
+        batch = {
             "input_ids": torch.from_numpy(input_ids),
             "token_type_ids": torch.from_numpy(token_type_ids),
             "attention_mask": torch.from_numpy(attention_mask),
             "labels": torch.from_numpy(labels),
-            "next_sentence_label": torch.tensor([int(e["next_sentence_label"]) for e in examples], dtype=torch.long),
             "mlm_positions": torch.from_numpy(positions),
             "mlm_labels": torch.from_numpy(slot_labels),
         }
+        if "next_sentence_label" in examples[0]:  # nsp and sop data; none has no sentence label
+            batch["next_sentence_label"] = torch.tensor([int(e["next_sentence_label"]) for e in examples],
+                                                        dtype=torch.long)
+        return batch
 
 
 def prediction_slots(labels: np.ndarray, slots: int) -> tuple[np.ndarray, np.ndarray]:

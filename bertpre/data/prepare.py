@@ -190,7 +190,11 @@ class BlockProcessor:
         o = self.options
         for dupe in range(dupes):
             rng = random.Random(f"{o.seed}:{o.shard_index}:{block.split}:{block.index}:{dupe}")
-            instances = list(create_instances(documents, o.pairs, rng))
+            instances = list(create_instances(documents, o.pairs, rng, self.special.sep))
+            if dupe == 0 and o.pairs.objective == "sop":  # the text no sentence-order pair holds
+                stats.unpaired_tokens += sum(len(s) for d in documents for s in d) - sum(
+                    inst.corpus_tokens for inst in instances)
+                stats.unpaired_documents += sum(len(d) == 1 for d in documents)
             rng.shuffle(instances)
             mask_rng = np.random.default_rng([o.seed, o.shard_index, SPLITS.index(block.split), block.index, dupe])
             batches.append(self._record_batch(instances, mask_rng, stats))
@@ -224,7 +228,8 @@ class BlockProcessor:
         offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
         input_ids = np.concatenate([ids for ids, _ in encoded]) if encoded else np.zeros(0, np.int32)
         token_type_ids = np.concatenate([types for _, types in encoded]) if encoded else np.zeros(0, np.int8)
-        labels = np.array([inst.is_random_next for inst in instances], dtype=np.int8)
+        labels = np.array([inst.is_random_next for inst in instances], dtype=np.int8) \
+            if self.options.pairs.has_sentence_label else None
         _count(stats, instances, lengths, self.options.pairs.max_seq_length)
         # static masking masks input_ids in place
         masked = self._static_masks(input_ids, offsets, mask_rng) if self.masker is not None else None
@@ -250,6 +255,7 @@ def _count(s: SplitStats, instances: list[Instance], lengths: np.ndarray, max_se
     s.truncated += sum(inst.truncated > 0 for inst in instances)
     s.truncated_tokens += sum(inst.dropped for inst in instances)
     s.pair_tokens += sum(inst.corpus_tokens for inst in instances)
+    s.sequence_tokens += int(lengths.sum())
     counts, _ = np.histogram(lengths, bins=histogram_edges(max_seq_length))
     s.length_counts = [a + int(b) for a, b in zip(s.length_counts, counts)]
 
@@ -383,7 +389,7 @@ def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> 
     tokenizer, tokenizer_record = _obtain_tokenizer(options, files)
     save_tokenizer(tokenizer, staging)
     (staging / "dataset").mkdir()
-    schema = arrow_schema(options.static_masking)
+    schema = arrow_schema(options.static_masking, options.pairs.has_sentence_label)
     writers = {name: SplitFiles(staging / "dataset", name, schema) for name in SPLITS}
     stats = {name: SplitStats() for name in SPLITS}
     corpus_stats = CorpusStats()
@@ -399,6 +405,10 @@ def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> 
     if stats["train"].instances == 0:
         if corpus_stats.sentences == 0:
             raise UserError(f"no text found in the inputs ({corpus_stats.files} files): the corpus is empty")
+        if options.pairs.objective == "sop" and stats["train"].unpaired_documents:
+            raise UserError("--objective sop: no training pairs, every training document has a single sentence "
+                            "(sentence-order pairs need two sentences of one document); use --objective none, or "
+                            "a corpus of longer documents")
         raise UserError("no training pairs: every document went to validation; lower --validation-fraction")
     return PrepareRecord.build(options.to_json(), tokenizer, tokenizer_record, corpus_stats.counts(), stats)
 

@@ -47,6 +47,9 @@ class SplitStats:
     truncated: int = 0
     truncated_tokens: int = 0  # corpus tokens cut from pairs to fit max_seq_length (lost text)
     pair_tokens: int = 0  # corpus tokens the pairs took, before that cut
+    unpaired_tokens: int = 0  # sop: tokens of lone sentences (one-sentence documents, a last sentence) in no pair
+    unpaired_documents: int = 0  # sop: documents of one sentence, which make no pair
+    sequence_tokens: int = 0  # tokens of all sequences, [CLS] and [SEP] included (their fill of max_seq_length)
     length_counts: list[int] = field(default_factory=lambda: [0] * HISTOGRAM_BINS)
 
     def __add__(self, other: SplitStats) -> SplitStats:
@@ -87,12 +90,15 @@ def histogram_edges(max_seq_length: int) -> list[int]:
     return [round(i * max_seq_length / HISTOGRAM_BINS) for i in range(HISTOGRAM_BINS)] + [max_seq_length + 1]
 
 
-def arrow_schema(static_masking: bool) -> pa.Schema:
+def arrow_schema(static_masking: bool, sentence_label: bool = True) -> pa.Schema:
+    """The data files' columns; ``next_sentence_label`` (NotNext for nsp, swapped for sop) is
+    absent for the ``none`` objective."""
     fields = [
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("token_type_ids", pa.list_(pa.int8())),
-        pa.field("next_sentence_label", pa.int8()),
     ]
+    if sentence_label:
+        fields.append(pa.field("next_sentence_label", pa.int8()))
     if static_masking:
         fields += [
             pa.field("masked_lm_positions", pa.list_(pa.int32())),
@@ -102,32 +108,35 @@ def arrow_schema(static_masking: bool) -> pa.Schema:
 
 
 
-def encode_pairs(input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.ndarray, next_sentence_label: np.ndarray,
+def encode_pairs(input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.ndarray,
+                 next_sentence_label: np.ndarray | None,
                  masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> pa.RecordBatch:
     """Sentence pairs -> one Arrow record batch in ``arrow_schema``'s layout.
 
     ``input_ids`` and ``token_type_ids`` are the pairs' tokens laid end to end, pair i at
-    ``offsets[i]:offsets[i + 1]``; ``masked`` (static masking) is ``(positions, original ids,
+    ``offsets[i]:offsets[i + 1]``; ``next_sentence_label`` is None for the ``none`` objective;
+    ``masked`` (static masking) is ``(positions, original ids,
     offsets)`` of the masked tokens, laid out the same way.
     """
     offsets32 = offsets.astype(np.int32)
     columns = {
         "input_ids": pa.ListArray.from_arrays(offsets32, input_ids.astype(np.int32)),
         "token_type_ids": pa.ListArray.from_arrays(offsets32, token_type_ids.astype(np.int8)),
-        "next_sentence_label": pa.array(next_sentence_label, type=pa.int8()),
     }
+    if next_sentence_label is not None:
+        columns["next_sentence_label"] = pa.array(next_sentence_label, type=pa.int8())
     if masked is not None:
         positions, originals, mask_offsets = masked
         mask_offsets = mask_offsets.astype(np.int32)
         columns["masked_lm_positions"] = pa.ListArray.from_arrays(mask_offsets, positions.astype(np.int32))
         columns["masked_lm_ids"] = pa.ListArray.from_arrays(mask_offsets, originals.astype(np.int32))
-    return pa.RecordBatch.from_pydict(columns, schema=arrow_schema(masked is not None))
+    return pa.RecordBatch.from_pydict(columns, schema=arrow_schema(masked is not None, next_sentence_label is not None))
 
 
-def dataset_features(static_masking: bool):
+def dataset_features(static_masking: bool, sentence_label: bool = True):
     import datasets
 
-    return datasets.Features({f.name: _feature(f.type) for f in arrow_schema(static_masking)})
+    return datasets.Features({f.name: _feature(f.type) for f in arrow_schema(static_masking, sentence_label)})
 
 
 def _feature(arrow_type: pa.DataType):
@@ -209,6 +218,15 @@ class PrepareRecord:
         return self.options["static_masking"]
 
     @property
+    def objective(self) -> str:
+        """``nsp``, ``sop`` or ``none`` (records written before the option existed hold NSP pairs)."""
+        return self.options["pairs"].get("objective", "nsp")
+
+    @property
+    def sentence_label(self) -> bool:
+        return self.objective != "none"
+
+    @property
     def total(self) -> SplitStats:
         return sum(self.splits.values(), SplitStats())
 
@@ -228,63 +246,6 @@ class PrepareRecord:
     @property
     def histogram_edges(self) -> list[int]:
         return histogram_edges(self.max_seq_length)
-
-
-def summary(record: PrepareRecord, output: Path) -> str:
-    """The one-screen report printed at the end of ``bertpre prepare``."""
-    total, corpus, t = record.total, record.corpus, record.tokenizer
-    train, validation = record.splits["train"], record.splits["validation"]
-    peak = max(total.length_counts) or 1
-    edges = record.histogram_edges
-    bars = "\n".join(
-        f"    {edges[i]:>4}-{edges[i + 1] - 1:<4} {'#' * (max(1, round(40 * n / peak)) if n else 0):<40} {n}"
-        for i, n in enumerate(total.length_counts)
-    )
-    not_next = record.fraction("not_next")
-    warnings = []
-    if total.documents < 2:
-        warnings.append("only one document: NotNext partners come from that same document")
-    if validation.instances == 0:
-        warnings.append("the validation split is empty (one document, or --validation-fraction 0): training "
-                        "will run without validation; --doc-separator can split a file into documents")
-    elif validation.documents == 1:
-        warnings.append("the validation split has one document, so its NotNext partners come from that same "
-                        "document: val/nsp_accuracy then measures a harder task than training does "
-                        "(more documents, e.g. with --doc-separator, avoid this)")
-    nsp_probability = record.options["pairs"]["nsp_probability"]
-    if not_next > nsp_probability + 0.1:
-        warnings.append(f"{100 * not_next:.1f}% of pairs are NotNext, not {100 * nsp_probability:.0f}%: "
-                        "most chunks hold one sentence (documents of one sentence, or sentences longer than "
-                        "--max-seq-length), and a one-sentence chunk always gets a random B")
-    if record.truncated_token_fraction > 0.05:
-        warnings.append(f"truncation to --max-seq-length dropped {total.truncated_tokens} tokens of text, "
-                        f"{100 * record.truncated_token_fraction:.1f}% of what the pairs took (above 5%): pairs end "
-                        "with the sentence that crosses the target length and are cut to --max-seq-length, as in "
-                        "Google's BERT; a longer --max-seq-length loses less")
-    requested = record.options.get("vocab_size")
-    if t["trained"] and requested and t["vocab_size"] < requested // 2:
-        warnings.append(f"the trained vocabulary has {t['vocab_size']} entries, far fewer than --vocab-size "
-                        f"{requested}: the corpus is too small to learn a vocabulary from")
-    if corpus.skipped_files:
-        warnings.append(f"{len(corpus.skipped_files)} unreadable files were skipped (listed in prepare.json)")
-    if corpus.invalid_utf8_bytes:
-        warnings.append(f"{corpus.invalid_utf8_bytes} bytes were not valid UTF-8 and were replaced "
-                        f"(per file in prepare.json)")
-    lines = [
-        f"prepared {output} in {record.seconds} s",
-        f"  input       {corpus.files} files, {corpus.input_bytes / 1e6:.1f} MB, {corpus.documents} documents, "
-        f"{total.sentences} sentences, {total.tokens} tokens",
-        f"  tokenizer   {'trained' if t['trained'] else 'reused'}, vocab {t['vocab_size']}, "
-        f"[UNK] rate {100 * record.unk_rate:.3f}%",
-        f"  pairs       train {train.instances} ({train.documents} documents), "
-        f"validation {validation.instances} ({validation.documents} documents)",
-        f"  NotNext {100 * not_next:.1f}%   short targets {100 * record.fraction('short_target'):.1f}%   "
-        f"truncated {100 * record.fraction('truncated'):.1f}% of pairs, "
-        f"{100 * record.truncated_token_fraction:.1f}% of the text",
-        "  sequence lengths:",
-        bars,
-    ] + [f"  warning: {w}" for w in warnings]
-    return "\n".join(lines)
 
 
 class PreparedData:
@@ -317,7 +278,7 @@ class PreparedData:
         files = self.split_files()
         if not files["train"]:
             raise UserError(f"{self.option} {self.path}: dataset/train-*.arrow missing; run `bertpre prepare` again")
-        info = datasets.DatasetInfo(features=dataset_features(self.record.static_masking))
+        info = datasets.DatasetInfo(features=dataset_features(self.record.static_masking, self.record.sentence_label))
         splits = {}
         for name, paths in files.items():
             if paths:
@@ -367,7 +328,8 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
     for part in parts[1:]:
         for what, mine, theirs in (("tokenizer", part.fingerprint, first.fingerprint),
                                    ("max_seq_length", part.max_seq_length, first.max_seq_length),
-                                   ("static_masking", part.record.static_masking, first.record.static_masking)):
+                                   ("static_masking", part.record.static_masking, first.record.static_masking),
+                                   ("objective", part.record.objective, first.record.objective)):
             if mine != theirs:
                 raise UserError(f"shard {part.path}: {what} differs from {first.path} ({mine} vs {theirs}); "
                                 "shards must be prepared with the same options and --tokenizer")

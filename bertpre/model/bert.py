@@ -33,8 +33,14 @@ INIT_ONLY_FIELDS = ("initializer_range", "position_init")
 
 def config_differences(saved: dict, ours: dict, ignore: tuple[str, ...] = ()) -> list[str]:
     """The fields (``ignore`` excepted) in which two model configs as saved (``asdict(BertConfig)``)
-    differ; a field one of them lacks (an older checkpoint) counts as differing."""
-    return sorted(k for k in saved.keys() | ours.keys() if k not in ignore and saved.get(k) != ours.get(k))
+    differ; a field one of them lacks (an older checkpoint) counts as differing, unless ADDED_FIELDS
+    says what its absence means."""
+    def value(config: dict, key: str):
+        return config.get(key, ADDED_FIELDS.get(key))
+    return sorted(k for k in saved.keys() | ours.keys() if k not in ignore and value(saved, k) != value(ours, k))
+
+
+ADDED_FIELDS = {"sentence_head": True}  # fields added to BertConfig, and what a config written before them held
 
 
 @dataclass(frozen=True)
@@ -55,6 +61,10 @@ class BertConfig:
     # Transformer's sin/cos table scaled to the same std: relative offsets are a linear map from the
     # start, which attention can use before it has learned positions). Training and export are unchanged.
     position_init: str = "normal"
+    # the pooler and the 2-way sentence head (NSP's or SOP's): absent for data prepared with
+    # --objective none (MLM only; exported as transformers' BertForMaskedLM). Set from the data;
+    # a checkpoint written before the field existed has the head.
+    sentence_head: bool | None = None  # None: follows the data (true for nsp and sop)
 
     def __post_init__(self) -> None:
         if self.norm_placement not in ("post", "pre"):
@@ -65,13 +75,25 @@ class BertConfig:
             value = getattr(self, f.name)
             if f.name in DROPOUT_FIELDS:
                 check_dropout(f"model.config.{f.name}", value)
-            elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement", "position_init") and value is not None \
-                    and value <= 0:
+            elif f.name not in ("layer_norm_eps", "initializer_range", "norm_placement", "position_init",
+                                "sentence_head") and value is not None and value <= 0:
                 raise UserError(f"model.config.{f.name} must be positive, got {value}")
         if self.hidden_size % self.num_heads:
             raise UserError(
                 f"model.config.hidden_size ({self.hidden_size}) must be divisible by num_heads ({self.num_heads})"
             )
+
+    def for_data(self, labelled: bool, source: str) -> BertConfig:
+        """The config with its sentence head following the data (``labelled``: NSP's or SOP's pairs
+        with their labels); one that asks for what the data does not have is refused, naming
+        ``source`` ("DIR was prepared with --objective X")."""
+        if self.sentence_head is None:
+            return replace(self, sentence_head=labelled)
+        if self.sentence_head != labelled:
+            has = "sentence labels" if labelled else "no sentence label (MLM only)"
+            raise UserError(f"model.config.sentence_head is {str(self.sentence_head).lower()} but {source}: its "
+                            f"sequences have {has} (leave model.config.sentence_head unset: it follows the data)")
+        return self
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> BertConfig:
@@ -166,11 +188,11 @@ class BertForPretraining(nn.Module):
         self.layers = nn.ModuleList(EncoderLayer(config) for _ in range(config.num_layers))
         # pre-LN: the last layer's output is a sum of unnormalised sublayer outputs; normalise it once
         self.final_norm = nn.LayerNorm(H, eps=config.layer_norm_eps) if config.norm_placement == "pre" else None
-        self.pooler = nn.Linear(H, H)
+        self.pooler = nn.Linear(H, H) if config.sentence_head is not False else None
         self.mlm_dense = nn.Linear(H, H)
         self.mlm_norm = nn.LayerNorm(H, eps=config.layer_norm_eps)
         self.mlm_bias = nn.Parameter(torch.zeros(config.vocab_size))
-        self.nsp = nn.Linear(H, 2)
+        self.nsp = nn.Linear(H, 2) if config.sentence_head is not False else None  # NSP's or SOP's 2-way head
         self.activation_checkpointing = False  # recompute each layer in backward: less memory at seq 512
         self.apply(self._init_weights)
         if config.position_init == "sinusoidal":
@@ -219,8 +241,8 @@ class BertForPretraining(nn.Module):
         attention_mask: Tensor | None = None,
         predict: Tensor | None = None,
         positions: Tensor | None = None,
-    ) -> tuple[Tensor, Tensor]:
-        """Returns (MLM logits, NSP logits (B, 2)).
+    ) -> tuple[Tensor, Tensor | None]:
+        """Returns (MLM logits, sentence logits (B, 2), None without a sentence head).
 
         ``positions`` (B, P) long: the MLM head is evaluated at these positions of each
         sequence (Google's fixed prediction slots): logits (B, P, V), a shape that does not
@@ -233,10 +255,14 @@ class BertForPretraining(nn.Module):
             selected = hidden.gather(1, index)  # (B, P, H)
         else:
             selected = hidden if predict is None else hidden[predict]  # (B, T, H) or (P, H)
-        return self.mlm_logits(selected), self.nsp(self.pool(hidden))
+        return self.mlm_logits(selected), None if self.nsp is None else self.nsp(self.pool(hidden))
 
     def reset_pooler(self) -> None:
-        """BERT's random initialisation for the pooler alone (its weights were trained for NSP)."""
+        """BERT's random initialisation for the pooler alone (its weights were trained for NSP), made
+        anew for an encoder pretrained without a sentence head."""
+        if self.pooler is None:
+            H = self.config.hidden_size
+            self.pooler = nn.Linear(H, H, device=self.embeddings.word.weight.device)
         self._init_weights(self.pooler)
 
     def reset_top_layers(self, count: int) -> None:
@@ -298,6 +324,8 @@ class BertForSequenceClassification(nn.Module):
         self.encoder = without_pretraining_heads(encoder)
         if pooling == "mean":
             self.encoder.pooler = None  # unused (DDP needs every parameter used)
+        elif self.encoder.pooler is None:  # pretrained without a sentence head (--objective none): a new pooler
+            self.encoder.reset_pooler()
         self.config = encoder.config
         self.dropout = nn.Dropout(classifier_dropout)
         self.classifier = nn.Linear(encoder.config.hidden_size, num_labels)

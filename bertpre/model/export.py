@@ -83,6 +83,8 @@ def export_checkpoint(checkpoint_path: str | Path, output: str | Path, overwrite
         else:
             weights = {k: v for k, v in to_hf_state_dict(model.state_dict()).items() if k not in HF_TIED}
             config = hf_config(model.config, pad_token_id=pad)
+            if model.nsp is None:  # pretrained without a sentence head (--objective none): MLM only
+                config["architectures"] = ["BertForMaskedLM"]
     else:
         classifier, tokenizer, task = load_classifier(checkpoint_path)
         if classifier.pooling != "cls":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -199,6 +200,9 @@ def read_hf_dir(directory: Path) -> tuple[BertConfig, dict[str, Tensor], Tokeniz
         raise UserError(f"{directory}: no model.safetensors or pytorch_model.bin")
     # BertModel / BertForMaskedLM checkpoints name the encoder without or with "bert."
     weights = {(k if k.startswith(("bert.", "cls.")) else f"bert.{k}"): v for k, v in weights.items()}
+    # without pooler and sentence head (BertForMaskedLM's, as `--objective none` exports) the model has
+    # none; with either, BertForPreTraining's heads (what the directory lacks is initialised by import)
+    config = replace(config, sentence_head=any(k.startswith(("cls.seq_relationship.", "bert.pooler.")) for k in weights))
     if (directory / "tokenizer.json").is_file():
         tokenizer = Tokenizer.from_file(str(directory / "tokenizer.json"))
     elif (directory / "vocab.txt").is_file():

@@ -44,8 +44,12 @@ from bertpre.training.plateau import ordinary_ids, random_context
 from bertpre.training.throughput import ThroughputLogger
 
 # what a run started from another checkpoint's weights may set anew
-INIT_FROM_MAY_DIFFER = DROPOUT_FIELDS + INIT_ONLY_FIELDS
-METRICS = ("loss", "mlm_loss", "nsp_loss", "mlm_accuracy", "nsp_accuracy")
+# a checkpoint to start from may differ in these: dropout, initialisation, and whether it has a
+# sentence head (its MLM weights carry over between objectives; a missing head starts from random)
+INIT_FROM_MAY_DIFFER = (*DROPOUT_FIELDS, *INIT_ONLY_FIELDS, "sentence_head")
+# logged as train/<name> and val/<name>, "sentence" under the data's objective (nsp_loss, sop_accuracy);
+# the sentence metrics are absent for --objective none
+METRICS = ("loss", "mlm_loss", "sentence_loss", "mlm_accuracy", "sentence_accuracy")
 
 
 def check_options(o: dict[str, Any]) -> None:
@@ -150,6 +154,7 @@ class PretrainModule(L.LightningModule):
         self.tokenizer_fingerprint: str | None = None
         self.special_ids: torch.Tensor | None = None
         self.ordinary_ids: torch.Tensor | None = None
+        self.objective = "nsp"  # the prepared data's sentence objective (use_data)
         self._validation_metrics()
 
     def _validation_metrics(self) -> None:
@@ -179,17 +184,23 @@ class PretrainModule(L.LightningModule):
                 f"vocabulary mismatch: model.config.vocab_size is {config.vocab_size} but the tokenizer of "
                 f"{prepared.path} has {prepared.vocab_size} tokens"
             )
+        config = config.for_data(prepared.record.sentence_label, f"{prepared.path} was prepared with --objective "
+                                 f"{prepared.record.objective}")
         if prepared.max_seq_length > config.max_position_embeddings:
             raise UserError(
                 f"{prepared.path} was prepared with max_seq_length {prepared.max_seq_length}, above "
                 f"model.config.max_position_embeddings {config.max_position_embeddings}"
             )
         self.config = config
+        self.objective = prepared.record.objective
         self.tokenizer_json = prepared.tokenizer.to_str()
         self.tokenizer_fingerprint = prepared.fingerprint
         special = list(special_ids(prepared.tokenizer).all)
         self.special_ids = torch.tensor(special, dtype=torch.long)
         self.ordinary_ids = ordinary_ids(prepared.vocab_size, special)
+
+    def _logged(self, name: str) -> str:
+        return name.replace("sentence", self.objective)
 
     # --- model construction -------------------------------------------------------------
     def configure_model(self) -> None:
@@ -208,7 +219,11 @@ class PretrainModule(L.LightningModule):
     def _load_initial_weights(self, path: str) -> None:
         checkpoint = read_checkpoint(path)
         self._check_compatible(checkpoint[CHECKPOINT_KEY], f"model.init_from {path}", may_differ=INIT_FROM_MAY_DIFFER)
-        self.model.load_state_dict(model_state(checkpoint))
+        state = model_state(checkpoint)
+        if self.model.nsp is None:  # MLM only: the checkpoint's sentence head has no place
+            state = {k: v for k, v in state.items() if not k.startswith(("pooler.", "nsp."))}
+        missing, unexpected = self.model.load_state_dict(state, strict=False)
+        assert not unexpected and all(k.startswith(("pooler.", "nsp.")) for k in missing), (missing, unexpected)
 
     def _check_compatible(self, saved: dict[str, Any], source: str, may_differ: tuple[str, ...] = ()) -> None:
         """The checkpoint must come from this tokenizer and this model config (``may_differ`` excepted)."""
@@ -279,17 +294,20 @@ class PretrainModule(L.LightningModule):
 
     def _step(self, batch: dict[str, torch.Tensor]):
         """Loss on the batch's fixed prediction slots: shapes independent of the data, no host sync."""
-        mlm_logits, nsp_logits = self.model(
+        mlm_logits, sentence_logits = self.model(
             batch["input_ids"], batch["token_type_ids"], self._attention_mask(batch), positions=batch["mlm_positions"]
-        )  # (B, P, V), (B, 2)
-        return pretraining_loss(mlm_logits, batch["mlm_labels"], nsp_logits, batch["next_sentence_label"])
+        )  # (B, P, V), (B, 2) or None (no sentence head)
+        labels = batch.get("next_sentence_label") if sentence_logits is not None else None
+        return pretraining_loss(mlm_logits, batch["mlm_labels"], sentence_logits, labels)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         out = self._step(batch)
         self.nonfinite_guard.observe(out.loss)  # checked with the gradients before the optimizer step
         size = batch["input_ids"].shape[0]
         for name in METRICS:
-            self.log(f"train/{name}", getattr(out, name), batch_size=size, prog_bar=name in ("loss", "mlm_accuracy"))
+            if getattr(out, name) is not None:
+                self.log(f"train/{self._logged(name)}", getattr(out, name), batch_size=size,
+                         prog_bar=name in ("loss", "mlm_accuracy"))
         # a host tensor: Lightning would copy a Python float to the device, a host sync every step
         self.log("train/lr", torch.tensor(self.lr_schedulers().get_last_lr()[0], dtype=torch.float32),
                  batch_size=size)
@@ -301,8 +319,8 @@ class PretrainModule(L.LightningModule):
             self._context_gain_update(batch, batch_idx, real_correct=out.mlm_accuracy * out.num_predicted)
         size = batch["input_ids"].shape[0]
         for name in METRICS:
-            weight = out.num_predicted if name.startswith("mlm") else size
-            self.val_metrics[name].update(getattr(out, name), weight)
+            if getattr(out, name) is not None:
+                self.val_metrics[name].update(getattr(out, name), out.num_predicted if name.startswith("mlm") else size)
         labels = batch["mlm_labels"].flatten()  # (B * P,): the predicted ids, IGNORE_INDEX in empty slots
         predicted = labels != IGNORE_INDEX
         counts = torch.zeros(self.config.vocab_size, dtype=torch.long, device=labels.device)
@@ -369,9 +387,10 @@ class PretrainModule(L.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         self._log_context_gain()
-        values = {name: metric.compute() for name, metric in self.val_metrics.items()}
+        values = {name: metric.compute() for name, metric in self.val_metrics.items()
+                  if self.objective != "none" or not name.startswith("sentence")}
         for name, value in values.items():
-            self.log(f"val/{name}", value, prog_bar=name == "mlm_accuracy")
+            self.log(f"val/{self._logged(name)}", value, prog_bar=name == "mlm_accuracy")
             self.val_metrics[name].reset()
         self.log("val/mlm_perplexity", torch.exp(values["mlm_loss"]))
         if self.val_target_counts is not None:
