@@ -180,7 +180,9 @@ def same_start(ours: Path, theirs: Path, fixed_dropout: bool) -> None:
         a, b = (read_checkpoint(path)[CHECKPOINT_KEY] for path in (ours, theirs))
     except UserError as e:
         sys.exit(f"transfer_study: --random-from: {e}")
-    ignored = DROPOUT_FIELDS if fixed_dropout else ()
+    # a random-init run drops the pretraining heads and makes its pooler anew: whether the checkpoint had a
+    # sentence head (--objective none) does not reach it
+    ignored = (*(DROPOUT_FIELDS if fixed_dropout else ()), "sentence_head")
     for key, differs in (("model config", config_differences(a["model_config"], b["model_config"], ignored)),
                          ("tokenizer", a["tokenizer"] != b["tokenizer"])):
         if differs:

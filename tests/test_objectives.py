@@ -273,3 +273,18 @@ def test_static_masking_and_whole_words_work_for_every_objective(tmp_path):
         assert ("next_sentence_label" in train_split.column_names) == (objective == "sop")
         assert sum(len(p) for p in train_split["masked_lm_positions"]) > 0
         train(out, tmp_path / f"run-{objective}")
+
+
+def test_bertpre_finetune_runs_from_an_mlm_only_checkpoint(trained, tmp_path, capsys):
+    from conftest import SHARED_DATA
+
+    sst2 = SHARED_DATA / "tasks" / "sst2"
+    if not sst2.is_dir():
+        pytest.skip("../shared/data is not present")
+    run = tmp_path / "finetune"
+    main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
+          str(trained["none"]), "--data.train_file", str(sst2 / "train.tsv"), "--data.validation_file",
+          str(sst2 / "dev.tsv"), "--data.max_train_examples", "64", "--data.batch_size", "16",
+          "--trainer.max_epochs", "1", "--trainer.limit_val_batches", "2", "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false"])
+    assert "trained 4 steps" in capsys.readouterr().out and (run / "checkpoints" / "last.ckpt").is_file()

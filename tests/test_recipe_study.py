@@ -81,3 +81,22 @@ def test_validation_minutes_come_from_the_logs_wall_clock(tmp_path):
     minutes = validation_minutes(tmp_path)
     assert sorted(minutes) == [200, 400]
     assert abs(minutes[200] - 2.5) < 0.05 and abs(minutes[400] - 5.5) < 0.05, minutes
+
+
+@pytest.mark.slow
+def test_the_objective_study_trains_each_objective_on_one_tokenizer(tmp_path):
+    out, work = tmp_path / "study", tmp_path / "work"
+    done = subprocess.run([sys.executable, "-m", "studies.objective_study", "--corpus",
+                           str(ROOT / "data_prep" / "sample" / "carroll-alice.txt"),
+                           str(ROOT / "data_prep" / "sample" / "shakespeare-caesar.txt"),
+                           "--config", str(ROOT / "configs" / "bert-tiny.yaml"), "--vocab-size", "1000",
+                           "--minutes", "0.1", "--val-every", "5", "--val-batches", "1", "--no-transfer",
+                           "--output", str(out), "--work", str(work)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    results = json.loads((out / "results.json").read_text())
+    assert [r["arm"] for r in results] == ["nsp", "sop", "none"]
+    assert [r["sentence_accuracy"] is None for r in results] == [False, False, True]
+    vocabularies = {(work / "data" / f"{o}-64" / "vocab.txt").read_text() for o in ("nsp", "sop", "none")}
+    assert len(vocabularies) == 1, "the three objectives must share one tokenizer"
+    assert (out / "table.md").read_text().count("\n") == 5 and (out / "curves.png").is_file()

@@ -123,7 +123,7 @@ def test_reinit_layers_redraws_the_top_layers_alone(pretrained):
 def test_layer_lr_decay_lowers_the_rate_layer_by_layer(pretrained, sst2_slice, tmp_path):
     """With decay d and L layers: classifier at the learning rate, layer i at d^(L-i) of it, the
     embeddings at d^(L+1) (each group's peak rate, read off the optimizer after a short run; the
-    schedule scales every group alike: tests/test_optim.py)."""
+    schedule scales every group alike: tests/training/test_optim.py)."""
     import lightning as L
 
     from bertpre.lightning_cli import connect

@@ -1,7 +1,7 @@
 """Refactors change no maths: a fixed-seed 50-step pretraining run and a 50-step fine-tuning run
 from it reproduce the per-step training losses recorded in tests/golden/loss_curves.json.
 
-The reference was written by this file (``python tests/test_loss_identity.py --write``) before
+The reference was written by this file (``python tests/training/test_loss_identity.py --write``) before
 the restructuring it guards; rewrite it only for a change that is meant to alter the maths, and
 say so in the commit.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 GOLDEN = ROOT / "tests" / "golden" / "loss_curves.json"
 SST2 = ROOT.parent / "shared" / "data" / "tasks" / "sst2"
 STEPS = 50
