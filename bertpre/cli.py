@@ -44,6 +44,9 @@ def _input_arguments(p: argparse.ArgumentParser) -> None:
                     help="JSONL field or Parquet / saved-dataset column holding a document's text")
     io.add_argument("--doc-separator", default=None, metavar="REGEX",
                     help=r"a line matching this starts a new document and is dropped, e.g. '^ = [^=].* = $' for WikiText")
+    io.add_argument("--encoding", default="utf-8",
+                    help="of text files without a byte-order mark, e.g. gb18030 (GBK) or big5 for Chinese corpora; "
+                         "a UTF-16/32 or UTF-8 BOM names its own encoding")
     io.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
     io.add_argument("--skip-unreadable", action="store_true",
                     help="skip (and list in prepare.json) input files that cannot be read, instead of stopping")
@@ -60,7 +63,7 @@ def _corpus_options(args: argparse.Namespace):
     from bertpre.data.corpus import CorpusOptions
 
     return CorpusOptions(format=args.format, text_field=args.text_field, doc_separator=args.doc_separator,
-                         skip_unreadable=args.skip_unreadable)
+                         skip_unreadable=args.skip_unreadable, encoding=args.encoding)
 
 
 def prepare_parser():
@@ -108,6 +111,12 @@ def prepare_parser():
     masking.add_argument("--static-masking", action="store_true",
                          help="store masks in the dataset, as Google's generator does")
     masking.add_argument("--whole-word-masking", action="store_true", help="with --static-masking")
+    words = p.add_argument_group("word boundaries (Chinese whole-word masking)")
+    words.add_argument("--word-segmenter", default=None,  # checked by WordOptions
+                       help="segment Chinese text into words with this segmenter (rjieba; pip install 'bertpre[zh]') "
+                            "and store the boundaries, so that whole-word masking masks whole Chinese words")
+    words.add_argument("--user-dict", default=None, metavar="FILE",
+                       help="the segmenter's user dictionary for domain words: one 'word [frequency] [tag]' a line")
     return p
 
 
@@ -115,6 +124,7 @@ def run_prepare(argv: Sequence[str]) -> None:
     from bertpre.data.pairs import PairOptions
     from bertpre.data.prepare import PrepareOptions, prepare
     from bertpre.data.summary import summary
+    from bertpre.data.words import WordOptions
 
     args = prepare_parser().parse_args(argv)
     options = PrepareOptions(
@@ -122,6 +132,7 @@ def run_prepare(argv: Sequence[str]) -> None:
         output=args.output,
         corpus=_corpus_options(args),
         pairs=PairOptions(args.max_seq_length, args.short_seq_prob, args.nsp_probability, args.objective),
+        words=WordOptions(args.word_segmenter, args.user_dict),
         tokenizer=args.tokenizer,
         vocab_size=args.vocab_size,
         cased=args.cased,

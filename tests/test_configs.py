@@ -13,7 +13,8 @@ CONFIGS = sorted(p for p in (ROOT / "configs").glob("*.yaml") if not p.stem.star
 
 def test_the_expected_configs_ship():
     names = {p.stem for p in CONFIGS}
-    assert set(PRESETS) | {"bert-base-phase2", "bert-large-multinode", "bert-mini-cpu", "quickstart"} == names
+    assert set(PRESETS) | {"bert-base-phase2", "bert-large-multinode", "bert-mini-cpu", "bert-mini-zh-cpu",
+                             "quickstart"} == names
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
@@ -23,7 +24,7 @@ def test_every_shipped_config_parses_and_matches_its_preset(path, tmp_path):
     model = cli.model
     assert isinstance(model, PretrainModule) and isinstance(cli.datamodule, PretrainDataModule)
     preset = PRESETS["bert-mini" if path.stem == "quickstart" else
-                     path.stem.removesuffix("-phase2").removesuffix("-multinode").removesuffix("-cpu")]
+                     path.stem.removesuffix("-phase2").removesuffix("-multinode").removesuffix("-cpu").removesuffix("-zh")]
     recipe = {"hidden_dropout", "attention_dropout", "position_init", "norm_placement"}  # training choices
     shape = {f: getattr(preset, f) for f in preset.__dataclass_fields__ if f not in recipe}
     assert {f: getattr(replace(model.config, vocab_size=None), f) for f in shape} == shape

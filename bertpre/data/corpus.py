@@ -31,15 +31,17 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO
 
-import blingfire
-
+from bertpre.data.sentences import split_sentences
 from bertpre.errors import UserError
 
 FORMATS = ("auto", "lines", "prose", "jsonl")
 JSONL_SUFFIXES = {".jsonl", ".json", ".ndjson"}
 _COMPRESSED = {".gz": gzip.open, ".bz2": bz2.open, ".xz": lzma.open}
 _SNIFF_BYTES = 1 << 16
-_TERMINAL = tuple('.!?"\')]\u201d\u2019:;')
+_TERMINAL = tuple('.!?"\')]\u201d\u2019:;\u3002\uff01\uff1f\u2026\u300d\u300f\uff09')
+_WORD = re.compile(r"[^\W_]")
+_BOMS = ((codecs.BOM_UTF32_LE, "utf-32"), (codecs.BOM_UTF32_BE, "utf-32"), (codecs.BOM_UTF8, "utf-8-sig"),
+         (codecs.BOM_UTF16_LE, "utf-16"), (codecs.BOM_UTF16_BE, "utf-16"))
 
 
 class _InvalidByteCounter:
@@ -66,10 +68,15 @@ class CorpusOptions:
     text_field: str = "text"
     doc_separator: str | None = None
     skip_unreadable: bool = False  # report and count unreadable files instead of stopping
+    encoding: str = "utf-8"  # of text files without a byte-order mark (a BOM names its own encoding)
 
     def __post_init__(self) -> None:
         if self.format not in FORMATS:
             raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {self.format!r}")
+        try:
+            self.encoding = codecs.lookup(self.encoding).name
+        except LookupError:
+            raise UserError(f"--encoding: unknown encoding {self.encoding!r} (e.g. utf-8, gb18030, big5, utf-16)") from None
         if self.doc_separator is not None:
             try:
                 re.compile(self.doc_separator)
@@ -183,29 +190,68 @@ def _open_binary(path: Path) -> IO[bytes]:
     return opener(path, "rb")
 
 
-def _open_text(path: Path) -> io.TextIOWrapper:
-    return io.TextIOWrapper(_open_binary(path), encoding="utf-8", errors=_invalid_bytes.name)
+def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOWrapper:
+    return io.TextIOWrapper(_open_binary(path), encoding=_text_encoding(_head(path), encoding),
+                            errors=_invalid_bytes.name)
 
 
-def _sniff(path: Path) -> str:
+def _head(path: Path) -> bytes:
     try:
         with _open_binary(path) as f:
-            head = f.read(_SNIFF_BYTES)
+            return f.read(_SNIFF_BYTES)
     except (OSError, EOFError, lzma.LZMAError, zlib.error) as e:
         raise UserError(f"{path}: cannot read: {e}") from None
-    if b"\x00" in head:
-        raise UserError(f"{path}: binary file (contains NUL bytes), not text")
-    return head.decode("utf-8", errors="replace")
 
 
-def detect_format(path: Path, requested: str = "auto") -> str:
+def _text_encoding(head: bytes, requested: str) -> str:
+    """The encoding a byte-order mark names (which wins over --encoding), else the one requested."""
+    for bom, name in _BOMS:
+        if head.startswith(bom):
+            return name
+    return requested
+
+
+def _sniff(path: Path, encoding: str = "utf-8") -> str:
+    """The start of a text file, decoded; refuses binary files and text in another encoding than
+    the one it is read with, in one line that names the file and the option."""
+    head = _head(path)
+    encoding = _text_encoding(head, encoding)
+    if b"\x00" in head and not encoding.startswith("utf-16") and not encoding.startswith("utf-32"):
+        raise UserError(f"{path}: binary file (contains NUL bytes), not text (a UTF-16 text file without a "
+                        "byte-order mark: pass --encoding utf-16-le or utf-16-be)")
+    text = head.decode(encoding, errors="replace")
+    if encoding == "utf-8" and text.count("\ufffd") > max(8, len(head) // 1000):
+        other = _other_chinese_encoding(head)
+        guess = f"; it reads as {other} Chinese text: pass --encoding {other}" if other else "; pass --encoding"
+        raise UserError(f"{path}: not UTF-8 ({text.count(chr(0xFFFD))} invalid sequences in its first "
+                        f"{len(head)} bytes){guess}")
+    return text
+
+
+def _other_chinese_encoding(head: bytes) -> str | None:
+    """gb18030 or big5 when ``head`` (minus a character the cut may have split) decodes as one of them
+    into text that is mostly Chinese."""
+    for name in ("gb18030", "big5"):
+        for cut in range(4):
+            try:
+                text = head[: len(head) - cut].decode(name)
+            except UnicodeDecodeError:
+                continue
+            cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
+            if cjk >= 0.3 * sum(not c.isspace() for c in text):
+                return name
+            break
+    return None
+
+
+def detect_format(path: Path, requested: str = "auto", encoding: str = "utf-8") -> str:
     """The explicit format if one was asked for, else guess from the extension and the content.
     Parquet files and saved datasets are always read as tables ("parquet", "dataset")."""
     if path.is_dir():
         return "dataset"
     if path.suffix.lower() == ".parquet":
         return "parquet"
-    sample = _sniff(path)
+    sample = _sniff(path, encoding)
     if requested != "auto":
         return requested
     if _content_suffix(path) in JSONL_SUFFIXES:
@@ -223,21 +269,13 @@ def detect_format(path: Path, requested: str = "auto") -> str:
         except json.JSONDecodeError:
             pass
     terminal = sum(line.endswith(_TERMINAL) for line in nonblank) / len(nonblank)
-    one_sentence = sum("\n" not in blingfire.text_to_sentences(line) for line in nonblank) / len(nonblank)
+    one_sentence = sum(len(split_sentences(line)) <= 1 for line in nonblank) / len(nonblank)
     return "lines" if terminal >= 0.5 and one_sentence >= 0.85 else "prose"
 
 
-def split_sentences(paragraph: str) -> list[str]:
-    """A paragraph (wrapped lines allowed) -> its sentences."""
-    text = " ".join(paragraph.split())
-    if not text:
-        return []
-    return [s for s in blingfire.text_to_sentences(text).split("\n") if s.strip()]
-
-
-def _read_lines(path: Path, separator: re.Pattern | None) -> Iterator[list[str]]:
+def _read_lines(path: Path, separator: re.Pattern | None, encoding: str) -> Iterator[list[str]]:
     document: list[str] = []
-    with _open_text(path) as f:
+    with _open_text(path, encoding) as f:
         for line in f:
             if separator is not None and separator.search(line):
                 if document:
@@ -254,10 +292,10 @@ def _read_lines(path: Path, separator: re.Pattern | None) -> Iterator[list[str]]
         yield document
 
 
-def _read_prose(path: Path, separator: re.Pattern | None) -> Iterator[list[str]]:
+def _read_prose(path: Path, separator: re.Pattern | None, encoding: str) -> Iterator[list[str]]:
     document: list[str] = []
     paragraph: list[str] = []
-    with _open_text(path) as f:
+    with _open_text(path, encoding) as f:
         for line in f:
             if separator is not None and separator.search(line):
                 document.extend(split_sentences(" ".join(paragraph)))
@@ -275,8 +313,8 @@ def _read_prose(path: Path, separator: re.Pattern | None) -> Iterator[list[str]]
         yield document
 
 
-def _read_jsonl(path: Path, text_field: str) -> Iterator[list[str]]:
-    with _open_text(path) as f:
+def _read_jsonl(path: Path, text_field: str, encoding: str) -> Iterator[list[str]]:
+    with _open_text(path, encoding) as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
@@ -357,7 +395,7 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
     separator = re.compile(options.doc_separator) if options.doc_separator else None
     for path in files:
         try:
-            fmt = detect_format(path, options.format)
+            fmt = detect_format(path, options.format, options.encoding)
         except UserError as e:
             if not options.skip_unreadable:
                 raise UserError(f"{e} (--skip-unreadable skips such files)") from None
@@ -370,13 +408,15 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
         if fmt in ("parquet", "dataset"):
             documents = _text_column_documents(path, fmt, options.text_field)
         elif fmt == "jsonl":
-            documents = _read_jsonl(path, options.text_field)
+            documents = _read_jsonl(path, options.text_field, options.encoding)
         elif fmt == "prose":
-            documents = _read_prose(path, separator)
+            documents = _read_prose(path, separator, options.encoding)
         else:
-            documents = _read_lines(path, separator)
+            documents = _read_lines(path, separator, options.encoding)
+        has_words, documents_before = False, stats.documents  # a letter, digit or ideograph somewhere in the file
         try:
             for document in documents:
+                has_words = has_words or any(_WORD.search(sentence) for sentence in document)
                 stats.documents += 1
                 stats.sentences += len(document)
                 yield document
@@ -385,7 +425,13 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
             if not options.skip_unreadable:
                 raise UserError(message + " (--skip-unreadable skips such files)") from None
             stats.skipped_files.append(message)
+        if stats.documents > documents_before and not has_words:
+            raise UserError(f"{path}: no letters, digits or characters, only punctuation and spaces: not text "
+                            "to pretrain on (remove it from --input)")
         invalid = _invalid_bytes.count - before
+        if invalid > max(16, input_size(path) // 1000):  # not a stray byte: a part in another encoding
+            raise UserError(f"{path}: {invalid} bytes are not valid {options.encoding} (a part in another encoding, "
+                            "such as GB18030 in a UTF-8 file?); convert the file to one encoding or set --encoding")
         if invalid:
             stats.invalid_utf8_bytes += invalid
             stats.invalid_utf8_by_file[str(path)] = invalid

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from bertpre.data.masking import MLM_PROBABILITY, Masker, MaskingCollator, default_max_predictions
 from bertpre.data.prepared import PreparedData
+from bertpre.data.words import mostly_chinese
 from bertpre.errors import UserError
 
 HAS_PADDING = "has_padding"  # a host-side flag added to each batch before it moves to the device
@@ -100,13 +101,15 @@ class PretrainDataModule(L.LightningDataModule):
         max_predictions: int | None = None,
         val_mlm_probability: float | None = MLM_PROBABILITY,
         pad_to_multiple_of: int | None = 8,
+        val_whole_word_masking: bool | None = None,
     ) -> None:
         """
         Args:
             path: folder written by `bertpre prepare`
             batch_size: sequences per batch per device
             num_workers: DataLoader worker processes
-            whole_word_masking: mask all pieces of a word together (dynamic masking only)
+            whole_word_masking: mask all tokens of a word together (dynamic masking only): a word's ## pieces,
+                and in data prepared with --word-segmenter the characters of a Chinese word
             mlm_probability: share of tokens predicted per training sequence (BERT: 0.15; 0.3-0.4 give more
                 targets per token, Wettig et al. 2023)
             max_predictions: cap on predicted tokens per sequence (default: 20 per 128 tokens at rate 0.15,
@@ -114,6 +117,8 @@ class PretrainDataModule(L.LightningDataModule):
             val_mlm_probability: share masked in validation; the default keeps BERT's 0.15 whatever the
                 training rate, so val/mlm_accuracy compares across recipes (None: the training rate)
             pad_to_multiple_of: pad batches to a multiple of this length (None: to the longest)
+            val_whole_word_masking: whole-word masking in validation (None: as in training); fix it to compare
+                the validation accuracy of runs that mask differently
         """
         super().__init__()
         if batch_size < 1:
@@ -128,6 +133,7 @@ class PretrainDataModule(L.LightningDataModule):
         self.max_predictions = max_predictions
         self.val_mlm_probability = mlm_probability if val_mlm_probability is None else val_mlm_probability
         self.pad_to_multiple_of = pad_to_multiple_of
+        self.val_whole_word_masking = whole_word_masking if val_whole_word_masking is None else val_whole_word_masking
         self.prepared: PreparedData | None = None
         self.splits: Any = None
 
@@ -152,8 +158,13 @@ class PretrainDataModule(L.LightningDataModule):
         )
         self.val_masker = Masker.from_tokenizer(
             prepared.tokenizer, self.max_predictions or default_max_predictions(seq, self.val_mlm_probability),
-            self.val_mlm_probability, self.whole_word_masking,
+            self.val_mlm_probability, self.val_whole_word_masking,
         )
+        if (self.whole_word_masking and prepared.record.word_segmenter is None and mostly_chinese(prepared.tokenizer)
+                and (self.trainer is None or self.trainer.is_global_zero)):
+            print(f"warning: data.whole_word_masking: {prepared.path} stores no word boundaries, and Chinese "
+                           "characters are never ## pieces, so its Chinese text is masked character by character; "
+                           "prepare it with --word-segmenter rjieba for whole Chinese words", flush=True)
 
     def train_dataloader(self) -> DataLoader:
         """The sampler is always a DistributedSampler (one replica on a single process): with the

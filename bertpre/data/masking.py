@@ -3,8 +3,9 @@
 Per sequence, ``min(max_predictions, max(1, round(len * mlm_probability)))`` positions are chosen
 (``len`` counts [CLS] and [SEP], as Google does) among all tokens but [CLS], [SEP] and
 [PAD]. Of those, 80% become [MASK], 10% a random non-special token, 10% stay as they
-are. With whole-word masking a word's ``##`` pieces are chosen together; each piece
-still gets its own 80/10/10 draw.
+are. With whole-word masking a word's tokens are chosen together: its ``##`` pieces, or, in data
+prepared with a word segmenter (a ``word_continues`` column, bertpre.data.words), the characters of
+a Chinese word; each token still gets its own 80/10/10 draw.
 
 Batches use HuggingFace's keys, so one can be given to transformers' BertForPreTraining;
 they also carry Google's fixed prediction slots: ``mlm_positions`` (B, P) and ``mlm_labels``
@@ -68,15 +69,18 @@ class Masker:
     def num_to_predict(self, length: int) -> int:
         return min(self.max_predictions, max(1, round(length * self.mlm_probability)))
 
-    def choose_positions(self, ids: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """Sorted positions to predict in one unpadded sequence."""
+    def choose_positions(self, ids: np.ndarray, rng: np.random.Generator,
+                         word_continues: np.ndarray | None = None) -> np.ndarray:
+        """Sorted positions to predict in one unpadded sequence. With whole-word masking, a token
+        joins the word before it where ``word_continues`` (stored boundaries) says so, or, without
+        them, where it is a ``##`` piece."""
         eligible = (ids != self.special.cls) & (ids != self.special.sep) & (ids != self.special.pad)
         candidates = np.flatnonzero(eligible)
         n = min(self.num_to_predict(len(ids)), len(candidates))
         if self.continuation is None:
             return np.sort(rng.choice(candidates, size=n, replace=False))
         # Whole words: a piece joins the group before it when it is a "##" piece right after it.
-        continues = self.continuation[ids[candidates]]
+        continues = (self.continuation[ids] if word_continues is None else word_continues.astype(bool))[candidates]
         continues[1:] &= np.diff(candidates) == 1
         continues[0] = False
         group_of = np.cumsum(~continues) - 1
@@ -148,7 +152,9 @@ class MaskingCollator:
                 labels[row, np.asarray(example["masked_lm_positions"], dtype=np.int64)] = example["masked_lm_ids"]
         else:
             rng = self.generator(examples, input_ids)
-            chosen = [self.masker.choose_positions(input_ids[row, :length], rng) for row, length in enumerate(lengths)]
+            words = [np.asarray(e["word_continues"], dtype=bool) if "word_continues" in e else None for e in examples]
+            chosen = [self.masker.choose_positions(input_ids[row, :length], rng, words[row])
+                      for row, length in enumerate(lengths)]
             rows = np.repeat(np.arange(batch), [len(c) for c in chosen])
             cols = np.concatenate(chosen)
             labels[rows, cols] = self.masker.apply(input_ids, rows, cols, rng)

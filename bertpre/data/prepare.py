@@ -52,10 +52,14 @@ from bertpre.data.tokenizer import (
     train_tokenizer,
     vocab_fingerprint,
 )
+from bertpre.data.words import WordBoundaries, WordOptions
 from bertpre.errors import UserError
 from bertpre.outputs import staged_output
 
 BLOCK_CHARS = 2_000_000  # characters of text paired together (about 500k tokens); bounds memory
+# With a word segmenter, a token's "continues the previous token's word" flag travels through pair-making in
+# this bit of its id (pairs.py only cuts and joins id arrays), and is taken out again when the batch is written.
+WORD_FLAG_BIT = 30
 
 
 @dataclass
@@ -64,6 +68,7 @@ class PrepareOptions:
     output: Path
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     pairs: PairOptions = field(default_factory=PairOptions)
+    words: WordOptions = field(default_factory=WordOptions)
     tokenizer: str | None = None
     vocab_size: int = 30522
     cased: bool = False
@@ -102,6 +107,7 @@ class PrepareOptions:
     def to_json(self) -> dict:
         record = asdict(self)
         record["output"] = str(self.output)
+        record["words"] = self.words.to_json()
         return record
 
 
@@ -175,6 +181,7 @@ class BlockProcessor:
         self.options = options
         self.encoder = SentenceEncoder(tokenizer)
         self.special = special_ids(tokenizer)
+        self.boundaries = WordBoundaries(tokenizer, options.words) if options.words.segmenter else None
         self.masker = (
             Masker.from_tokenizer(tokenizer, default_max_predictions(options.pairs.max_seq_length),
                                   whole_word=options.whole_word_masking)
@@ -203,7 +210,14 @@ class BlockProcessor:
     def _tokenize(self, documents: list[list[str]], stats: SplitStats) -> list[Document]:
         """Token-id documents; sentences and documents without tokens are dropped, and a sentence
         longer than a pair can hold is split into pieces that fit (truncation would drop the rest)."""
-        ids, counts = self.encoder.encode([s for d in documents for s in d])
+        texts = [s for d in documents for s in d]
+        if self.boundaries is None:
+            ids, counts = self.encoder.encode(texts)
+            unk = int(np.count_nonzero(ids == self.special.unk))
+        else:
+            ids, counts, continues = self.boundaries.encode(texts)
+            unk = int(np.count_nonzero(ids == self.special.unk))
+            ids = ids | (continues.astype(np.int32) << WORD_FLAG_BIT)
         sentences = np.split(ids, np.cumsum(counts)[:-1]) if len(counts) else []
         limit, piece = self.options.pairs.max_num_tokens, max(1, self.options.pairs.max_num_tokens // 4)
         out, at = [], 0
@@ -218,7 +232,7 @@ class BlockProcessor:
                 stats.documents += 1
                 stats.sentences += len(tokenized)
         stats.tokens += int(counts.sum())
-        stats.unk_tokens += int(np.count_nonzero(ids == self.special.unk))
+        stats.unk_tokens += unk
         return out
 
     def _record_batch(self, instances: list[Instance], mask_rng: np.random.Generator,
@@ -231,15 +245,21 @@ class BlockProcessor:
         labels = np.array([inst.is_random_next for inst in instances], dtype=np.int8) \
             if self.options.pairs.has_sentence_label else None
         _count(stats, instances, lengths, self.options.pairs.max_seq_length)
+        word_continues = None
+        if self.boundaries is not None:
+            word_continues = (input_ids >> WORD_FLAG_BIT).astype(np.int8)
+            input_ids &= (1 << WORD_FLAG_BIT) - 1
         # static masking masks input_ids in place
-        masked = self._static_masks(input_ids, offsets, mask_rng) if self.masker is not None else None
-        return encode_pairs(input_ids, token_type_ids, offsets, labels, masked)
+        masked = self._static_masks(input_ids, offsets, mask_rng, word_continues) if self.masker is not None else None
+        return encode_pairs(input_ids, token_type_ids, offsets, labels, masked, word_continues)
 
-    def _static_masks(self, flat_ids: np.ndarray, offsets: np.ndarray, rng: np.random.Generator) -> tuple:
+    def _static_masks(self, flat_ids: np.ndarray, offsets: np.ndarray, rng: np.random.Generator,
+                      word_continues: np.ndarray | None) -> tuple:
         """Mask ``flat_ids`` in place; return the masked positions, their original ids and the offsets
         of each instance's share of them."""
         assert self.masker is not None
-        chosen = [self.masker.choose_positions(flat_ids[s:e], rng) for s, e in zip(offsets[:-1], offsets[1:])]
+        chosen = [self.masker.choose_positions(flat_ids[s:e], rng, None if word_continues is None else word_continues[s:e])
+                  for s, e in zip(offsets[:-1], offsets[1:])]
         counts = np.array([len(c) for c in chosen], dtype=np.int64)
         positions = np.concatenate(chosen).astype(np.int32) if chosen else np.zeros(0, np.int32)
         flat_cols = positions + np.repeat(offsets[:-1], counts)
@@ -389,7 +409,7 @@ def _prepare_into(staging: Path, options: PrepareOptions, files: list[Path]) -> 
     tokenizer, tokenizer_record = _obtain_tokenizer(options, files)
     save_tokenizer(tokenizer, staging)
     (staging / "dataset").mkdir()
-    schema = arrow_schema(options.static_masking, options.pairs.has_sentence_label)
+    schema = arrow_schema(options.static_masking, options.pairs.has_sentence_label, options.words.segmenter is not None)
     writers = {name: SplitFiles(staging / "dataset", name, schema) for name in SPLITS}
     stats = {name: SplitStats() for name in SPLITS}
     corpus_stats = CorpusStats()

@@ -90,15 +90,18 @@ def histogram_edges(max_seq_length: int) -> list[int]:
     return [round(i * max_seq_length / HISTOGRAM_BINS) for i in range(HISTOGRAM_BINS)] + [max_seq_length + 1]
 
 
-def arrow_schema(static_masking: bool, sentence_label: bool = True) -> pa.Schema:
+def arrow_schema(static_masking: bool, sentence_label: bool = True, word_boundaries: bool = False) -> pa.Schema:
     """The data files' columns; ``next_sentence_label`` (NotNext for nsp, swapped for sop) is
-    absent for the ``none`` objective."""
+    absent for the ``none`` objective, ``word_continues`` (1 where a token continues the previous
+    token's word) present only with a word segmenter."""
     fields = [
         pa.field("input_ids", pa.list_(pa.int32())),
         pa.field("token_type_ids", pa.list_(pa.int8())),
     ]
     if sentence_label:
         fields.append(pa.field("next_sentence_label", pa.int8()))
+    if word_boundaries:
+        fields.append(pa.field("word_continues", pa.list_(pa.int8())))
     if static_masking:
         fields += [
             pa.field("masked_lm_positions", pa.list_(pa.int32())),
@@ -110,13 +113,15 @@ def arrow_schema(static_masking: bool, sentence_label: bool = True) -> pa.Schema
 
 def encode_pairs(input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.ndarray,
                  next_sentence_label: np.ndarray | None,
-                 masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None) -> pa.RecordBatch:
+                 masked: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+                 word_continues: np.ndarray | None = None) -> pa.RecordBatch:
     """Sentence pairs -> one Arrow record batch in ``arrow_schema``'s layout.
 
     ``input_ids`` and ``token_type_ids`` are the pairs' tokens laid end to end, pair i at
     ``offsets[i]:offsets[i + 1]``; ``next_sentence_label`` is None for the ``none`` objective;
     ``masked`` (static masking) is ``(positions, original ids,
-    offsets)`` of the masked tokens, laid out the same way.
+    offsets)`` of the masked tokens, laid out the same way; ``word_continues`` is laid out as
+    ``input_ids``.
     """
     offsets32 = offsets.astype(np.int32)
     columns = {
@@ -125,18 +130,22 @@ def encode_pairs(input_ids: np.ndarray, token_type_ids: np.ndarray, offsets: np.
     }
     if next_sentence_label is not None:
         columns["next_sentence_label"] = pa.array(next_sentence_label, type=pa.int8())
+    if word_continues is not None:
+        columns["word_continues"] = pa.ListArray.from_arrays(offsets32, word_continues.astype(np.int8))
     if masked is not None:
         positions, originals, mask_offsets = masked
         mask_offsets = mask_offsets.astype(np.int32)
         columns["masked_lm_positions"] = pa.ListArray.from_arrays(mask_offsets, positions.astype(np.int32))
         columns["masked_lm_ids"] = pa.ListArray.from_arrays(mask_offsets, originals.astype(np.int32))
-    return pa.RecordBatch.from_pydict(columns, schema=arrow_schema(masked is not None, next_sentence_label is not None))
+    schema = arrow_schema(masked is not None, next_sentence_label is not None, word_continues is not None)
+    return pa.RecordBatch.from_pydict(columns, schema=schema)
 
 
-def dataset_features(static_masking: bool, sentence_label: bool = True):
+def dataset_features(static_masking: bool, sentence_label: bool = True, word_boundaries: bool = False):
     import datasets
 
-    return datasets.Features({f.name: _feature(f.type) for f in arrow_schema(static_masking, sentence_label)})
+    schema = arrow_schema(static_masking, sentence_label, word_boundaries)
+    return datasets.Features({f.name: _feature(f.type) for f in schema})
 
 
 def _feature(arrow_type: pa.DataType):
@@ -227,6 +236,11 @@ class PrepareRecord:
         return self.objective != "none"
 
     @property
+    def word_segmenter(self) -> str | None:
+        """The segmenter whose word boundaries the data stores (``word_continues``), if any."""
+        return self.options.get("words", {}).get("segmenter")
+
+    @property
     def total(self) -> SplitStats:
         return sum(self.splits.values(), SplitStats())
 
@@ -278,7 +292,8 @@ class PreparedData:
         files = self.split_files()
         if not files["train"]:
             raise UserError(f"{self.option} {self.path}: dataset/train-*.arrow missing; run `bertpre prepare` again")
-        info = datasets.DatasetInfo(features=dataset_features(self.record.static_masking, self.record.sentence_label))
+        info = datasets.DatasetInfo(features=dataset_features(self.record.static_masking, self.record.sentence_label,
+                                                                    self.record.word_segmenter is not None))
         splits = {}
         for name, paths in files.items():
             if paths:
@@ -329,7 +344,9 @@ def combine(shards: list[str], output: Path, overwrite: bool = False) -> dict:
         for what, mine, theirs in (("tokenizer", part.fingerprint, first.fingerprint),
                                    ("max_seq_length", part.max_seq_length, first.max_seq_length),
                                    ("static_masking", part.record.static_masking, first.record.static_masking),
-                                   ("objective", part.record.objective, first.record.objective)):
+                                   ("objective", part.record.objective, first.record.objective),
+                                   ("word boundaries", part.record.options.get("words"),
+                                    first.record.options.get("words"))):
             if mine != theirs:
                 raise UserError(f"shard {part.path}: {what} differs from {first.path} ({mine} vs {theirs}); "
                                 "shards must be prepared with the same options and --tokenizer")

@@ -1,0 +1,286 @@
+"""Chinese in and out, on real text (tests/fixtures/chinese/README.md): sentence splitting, encodings,
+segmenter word boundaries and whole-word masking, combine, the export's fill-mask, fine-tuning."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bertpre.cli import main
+from bertpre.data.corpus import CorpusOptions, CorpusStats, read_documents
+from bertpre.data.masking import IGNORE_INDEX, Masker, MaskingCollator
+from bertpre.data.pairs import PairOptions
+from bertpre.data.prepare import PrepareOptions, prepare
+from bertpre.data.prepared import PreparedData, combine
+from bertpre.data.sentences import split_sentences
+from bertpre.data.words import WordOptions, WordSegmenter, is_cjk, word_groups
+from bertpre.errors import UserError
+
+pytest.importorskip("rjieba")
+
+HERE = Path(__file__).parent / "fixtures" / "chinese"
+NOVEL = HERE / "hongloumeng-ch1.txt"
+REVIEWS = HERE / "chnsenticorp-200.tsv"
+CLOSING = "”’」』）》"
+
+
+def novel_paragraphs() -> list[str]:
+    return [line.strip() for line in NOVEL.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def test_chinese_sentences_end_at_their_marks_and_keep_their_closing_quotes():
+    paragraph = "却说甄士隐俱听得明白，遂不禁上前施礼，笑问道：“二位仙师请了。”那僧道也忙答礼相问。真的吗？好……走吧！"
+    assert split_sentences(paragraph) == ["却说甄士隐俱听得明白，遂不禁上前施礼，笑问道：“二位仙师请了。”",
+                                          "那僧道也忙答礼相问。", "真的吗？", "好……", "走吧！"]
+    for paragraph in novel_paragraphs():  # the whole chapter: no text lost, no sentence opens with a closer
+        sentences = split_sentences(paragraph)
+        assert "".join(sentences).replace(" ", "") == "".join(paragraph.split())
+        assert not any(s[0] in CLOSING for s in sentences)
+        assert all(s[-1] in "。！？…" + CLOSING for s in sentences[:-1]), sentences
+
+
+def test_mixed_chinese_and_english_keeps_english_sentence_splitting():
+    text = "房间很干净。The staff spoke English. Breakfast was fine! 下次还来。"
+    assert split_sentences(text) == ["房间很干净。", "The staff spoke English.", "Breakfast was fine!", "下次还来。"]
+    english = "The king spoke. The queen answered!"
+    assert split_sentences(english) == ["The king spoke.", "The queen answered!"]  # English alone: unchanged path
+
+
+def test_wrapped_chinese_lines_join_without_a_space():
+    assert split_sentences("他说：“好\n  的。” 然后\n走了。") == ["他说：“好的。”", "然后走了。"]
+
+
+def read(path: Path, **options) -> list[list[str]]:
+    return list(read_documents([path], CorpusOptions(**options), CorpusStats()))
+
+
+def test_gb18030_text_is_refused_in_one_line_naming_the_option_and_read_with_it(tmp_path):
+    gbk = tmp_path / "novel-gbk.txt"
+    gbk.write_bytes(NOVEL.read_text(encoding="utf-8").encode("gb18030"))
+    with pytest.raises(UserError, match=r"novel-gbk.txt: not UTF-8 .*--encoding gb18030") as error:
+        read(gbk)
+    assert "\n" not in str(error.value)
+    assert read(gbk, encoding="gb18030") == read(NOVEL)
+
+
+def test_utf16_with_a_byte_order_mark_is_read_as_text(tmp_path):
+    wide = tmp_path / "novel-utf16.txt"
+    wide.write_bytes(NOVEL.read_text(encoding="utf-8").encode("utf-16"))
+    assert read(wide) == read(NOVEL)
+    no_bom = tmp_path / "novel-utf16le.txt"
+    no_bom.write_bytes(NOVEL.read_text(encoding="utf-8").encode("utf-16-le"))
+    with pytest.raises(UserError, match="--encoding utf-16-le"):
+        read(no_bom)
+
+
+def test_a_gbk_part_in_a_utf8_file_is_refused_and_nothing_is_written(tmp_path):
+    text = NOVEL.read_text(encoding="utf-8")
+    mixed = tmp_path / "mixed.txt"
+    mixed.write_bytes(text.encode("utf-8") * 4 + text[:2000].encode("gb18030"))  # past the 64 KiB sniffed
+    out = tmp_path / "out"
+    with pytest.raises(UserError, match=r"mixed.txt: \d+ bytes are not valid utf-8"):
+        prepare(PrepareOptions(inputs=[str(mixed)], output=out, vocab_size=500, num_proc=1))
+    assert not out.exists() and mixed.read_bytes().startswith(text[:100].encode("utf-8"))
+
+
+def test_unknown_encoding_and_punctuation_only_input_get_one_line(tmp_path):
+    with pytest.raises(UserError, match="--encoding: unknown encoding 'gbk2'"):
+        CorpusOptions(encoding="gbk2")
+    marks = tmp_path / "marks.txt"
+    marks.write_text("。。。！！？\n\n……“”\n", encoding="utf-8")
+    with pytest.raises(UserError) as error:
+        prepare(PrepareOptions(inputs=[str(marks)], output=tmp_path / "out", vocab_size=500, num_proc=1))
+    assert "\n" not in str(error.value) and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def novel_prepared(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("novel") / "wwm"
+    prepare(PrepareOptions(inputs=[str(NOVEL)], output=out, vocab_size=3000, validation_fraction=0.0, num_proc=1,
+                           pairs=PairOptions(max_seq_length=64), words=WordOptions("rjieba"), dupe_factor=3))
+    return out
+
+
+def segmenter_words() -> set[str]:
+    segmenter = WordSegmenter(WordOptions("rjieba"))
+    words = set()
+    for document in read(NOVEL):
+        for sentence in document:
+            index = segmenter.word_of_character(sentence)
+            for word in np.unique(index):
+                words.add("".join(np.array(list(sentence))[index == word]))
+    return words
+
+
+def chinese_groups(tokens: list[str], continues: np.ndarray) -> list[list[int]]:
+    """Positions of each word made of Chinese characters, by the stored boundaries."""
+    groups: dict[int, list[int]] = {}
+    for position, group in enumerate(word_groups(continues.astype(bool))):
+        groups.setdefault(int(group), []).append(position)
+    return [g for g in groups.values() if all(len(tokens[p]) == 1 and is_cjk(tokens[p]) for p in g)]
+
+
+def test_stored_boundaries_are_the_segmenters_words(novel_prepared):
+    prepared = PreparedData(novel_prepared)
+    assert prepared.record.options["words"]["segmenter"] == "rjieba" and prepared.record.options["words"]["version"]
+    train = prepared.load_dataset()["train"]
+    words = segmenter_words()
+    multi, found = 0, 0
+    for ids, continues in zip(train["input_ids"], train["word_continues"]):
+        tokens = [prepared.tokenizer.id_to_token(i) for i in ids]
+        for group in chinese_groups(tokens, np.asarray(continues)):
+            if len(group) > 1:
+                multi += 1
+                found += "".join(tokens[p] for p in group) in words
+    assert multi > 1000 and found / multi >= 0.99, (found, multi)
+
+
+def test_whole_word_masking_masks_every_character_of_a_chosen_word(novel_prepared):
+    prepared = PreparedData(novel_prepared)
+    train = prepared.load_dataset()["train"].with_format("numpy")
+    rows = [train[i] for i in range(len(train))]
+    tokens = {i: prepared.tokenizer.id_to_token(i) for i in range(prepared.vocab_size)}
+    results = {}
+    for whole_word in (True, False):
+        collate = MaskingCollator(Masker.from_tokenizer(prepared.tokenizer, 26, 0.4, whole_word=whole_word))
+        rng = np.random.default_rng(0)
+        complete = partial = masked = total = 0
+        for _ in range(30):  # 30 batches of 32 sequences, fresh masks each
+            examples = [rows[i] for i in rng.choice(len(rows), 32, replace=False)]
+            labels = collate(examples)["labels"].numpy()
+            for row, example in enumerate(examples):
+                predicted = labels[row, : len(example["input_ids"])] != IGNORE_INDEX
+                masked += predicted.sum()
+                total += len(example["input_ids"])
+                names = [tokens[int(i)] for i in example["input_ids"]]
+                for group in chinese_groups(names, example["word_continues"]):
+                    if len(group) > 1 and predicted[group].any():
+                        complete += predicted[group].all()
+                        partial += not predicted[group].all()
+        results[whole_word] = (complete, partial, masked / total)
+    complete, partial, rate = results[True]
+    assert complete > 2000 and partial == 0, results
+    assert 0.36 <= rate <= 0.41, rate  # the budget stays the configured rate (0.4; a word may not fit the rest)
+    assert results[False][1] > results[False][0], "character masking should mostly split words"
+
+
+def test_static_whole_word_masks_are_whole_words_and_survive_combine(novel_prepared, tmp_path):
+    copy = tmp_path / "copy.txt"
+    copy.write_bytes(NOVEL.read_bytes())
+    shards = []
+    for index in (0, 1):
+        shard = tmp_path / f"shard{index}"
+        prepare(PrepareOptions(inputs=[str(NOVEL), str(copy)], output=shard, tokenizer=str(novel_prepared),
+                               num_shards=2, shard_index=index, validation_fraction=0.0, num_proc=1, seed=index,
+                               pairs=PairOptions(max_seq_length=64), words=WordOptions("rjieba"),
+                               static_masking=True, whole_word_masking=True))
+        shards.append(shard)
+    combine([str(s) for s in shards], tmp_path / "combined")
+    combined = PreparedData(tmp_path / "combined")
+    train = combined.load_dataset()["train"]
+    assert combined.record.word_segmenter == "rjieba"
+    assert len(train) == sum(len(PreparedData(s).load_dataset()["train"]) for s in shards)
+    checked = 0
+    for row in train:
+        positions = set(row["masked_lm_positions"])
+        ids = np.asarray(row["input_ids"])
+        ids[row["masked_lm_positions"]] = row["masked_lm_ids"]  # the text before masking
+        names = [combined.tokenizer.id_to_token(int(i)) for i in ids]
+        for group in chinese_groups(names, np.asarray(row["word_continues"])):
+            chosen = [p in positions for p in group]
+            assert all(chosen) or not any(chosen), (names, group)
+            checked += any(chosen) and len(group) > 1
+    assert checked > 100
+    plain = tmp_path / "plain"
+    prepare(PrepareOptions(inputs=[str(NOVEL), str(copy)], output=plain, tokenizer=str(novel_prepared), num_shards=2,
+                           shard_index=1, validation_fraction=0.0, num_proc=1, pairs=PairOptions(max_seq_length=64),
+                           static_masking=True))
+    with pytest.raises(UserError, match="word boundaries differs"):
+        combine([str(shards[0]), str(plain)], tmp_path / "mixed")
+
+
+def test_a_user_dictionary_joins_a_domain_word_and_bad_lines_are_named(tmp_path):
+    sentence = "甄士隐梦幻识通灵"
+    plain = WordSegmenter(WordOptions("rjieba")).word_of_character(sentence)
+    assert len(set(plain[4:8])) > 1  # 识通灵 is not one word to the segmenter's own dictionary
+    user = tmp_path / "words.txt"
+    user.write_text("梦幻识通灵 1000 n\n", encoding="utf-8")
+    joined = WordSegmenter(WordOptions("rjieba", str(user))).word_of_character(sentence)
+    assert len(set(joined[3:8])) == 1
+    bad = tmp_path / "bad.txt"
+    bad.write_text("通灵 often n\n", encoding="utf-8")
+    with pytest.raises(UserError, match=r"bad.txt:1: expected 'word \[frequency\] \[tag\]'"):
+        WordSegmenter(WordOptions("rjieba", str(bad)))
+    with pytest.raises(UserError, match="--user-dict needs --word-segmenter"):
+        WordOptions(None, str(user))
+    with pytest.raises(UserError, match="--word-segmenter must be one of rjieba"):
+        WordOptions("ltp")
+
+
+def test_a_missing_segmenter_names_the_extra(monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(sys.modules, "rjieba", None)  # import fails as if not installed
+    with pytest.raises(SystemExit):
+        main(["prepare", "--input", str(NOVEL), "--output", str(tmp_path / "out"), "--word-segmenter", "rjieba"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "pip install 'bertpre[zh]'" in err and not (tmp_path / "out").exists()
+
+
+@pytest.fixture(scope="module")
+def chinese_checkpoint(novel_prepared, tmp_path_factory) -> Path:
+    from conftest import ROOT
+
+    run = tmp_path_factory.mktemp("zh-run")
+    main(["train", "--config", str(ROOT / "configs" / "bert-mini-zh-cpu.yaml"), "--data.path", str(novel_prepared),
+          "--trainer.default_root_dir", str(run), "--trainer.max_time", "null", "--trainer.max_steps", "6",
+          "--model.schedule_by", "steps", "--data.batch_size", "16", "--trainer.limit_val_batches", "0",
+          "--trainer.enable_progress_bar", "false"])
+    return run / "checkpoints" / "last.ckpt"
+
+
+def test_the_export_fills_masks_with_chinese_characters(chinese_checkpoint, tmp_path):
+    transformers = pytest.importorskip("transformers")
+    from bertpre.model.export import export_checkpoint
+
+    out = export_checkpoint(chinese_checkpoint, tmp_path / "hf")
+    tokenizer = transformers.BertTokenizerFast.from_pretrained(str(out))
+    config = json.loads((out / "tokenizer_config.json").read_text())
+    assert config["tokenize_chinese_chars"] is True
+    assert tokenizer.tokenize("甄士隐梦幻") == ["甄", "士", "隐", "梦", "幻"]
+    fill = transformers.pipeline("fill-mask", model=str(out), tokenizer=str(out), top_k=20)
+    guesses = [g["token_str"] for g in fill("士隐因说道：适闻仙师所谈因[MASK]，实人世罕闻者。")]
+    assert sum(len(g) == 1 and is_cjk(g) for g in guesses) >= 10, guesses
+
+
+def test_finetune_and_predict_read_chinese_tsv(chinese_checkpoint, tmp_path, capsys):
+    from conftest import ROOT
+
+    run = tmp_path / "finetune"
+    main(["finetune", "--config", str(ROOT / "configs" / "finetune-sst2.yaml"), "--model.pretrained",
+          str(chinese_checkpoint), "--data.train_file", str(REVIEWS), "--data.validation_file", str(REVIEWS),
+          "--data.batch_size", "32", "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(run),
+          "--trainer.enable_progress_bar", "false"])
+    out = capsys.readouterr().out
+    assert "trained 6 steps" in out and "val/accuracy" in out, out  # 200 reviews in batches of 32, the last dropped
+    reviews = tmp_path / "reviews.tsv"
+    reviews.write_text("sentence\n房间很干净，服务也很好。\n太吵了，再也不来了。\n", encoding="utf-8")
+    main(["predict", "--checkpoint", str(run / "checkpoints" / "last.ckpt"), "--input", str(reviews),
+          "--output", str(tmp_path / "out.tsv")])
+    rows = (tmp_path / "out.tsv").read_text(encoding="utf-8").splitlines()
+    assert len(rows) == 3 and "房间很干净，服务也很好。" in rows[1] and rows[0].split("\t")[0] == "prediction"
+
+
+def test_whole_word_masking_on_chinese_data_without_boundaries_warns(novel_prepared, tmp_path, capsys):
+    from bertpre.data.datamodule import PretrainDataModule
+
+    plain = tmp_path / "plain"
+    prepare(PrepareOptions(inputs=[str(NOVEL)], output=plain, tokenizer=str(novel_prepared), validation_fraction=0.0,
+                           num_proc=1, pairs=PairOptions(max_seq_length=64)))
+    for path, warned in ((plain, True), (novel_prepared, False)):
+        data = PretrainDataModule(str(path), batch_size=4, whole_word_masking=True, val_whole_word_masking=False)
+        data.setup("fit")
+        assert ("--word-segmenter rjieba" in capsys.readouterr().out) is warned
+        assert data.masker.continuation is not None and data.val_masker.continuation is None
