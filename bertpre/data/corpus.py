@@ -31,6 +31,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import IO
 
+from bertpre.data.encodings import other_chinese_encoding, reads_as_text
 from bertpre.data.sentences import split_sentences
 from bertpre.errors import UserError
 
@@ -51,11 +52,16 @@ class _InvalidByteCounter:
 
     def __init__(self) -> None:
         self.count = 0
+        self.chinese_like = 0  # of those, where two bytes read as a GB18030 Chinese character (GBK text)
         codecs.register_error(self.name, self)
 
     def __call__(self, exc: UnicodeError) -> tuple[str, int]:
         assert isinstance(exc, UnicodeDecodeError)
         self.count += exc.end - exc.start
+        try:
+            self.chinese_like += "\u4e00" <= bytes(exc.object[exc.start : exc.start + 2]).decode("gb18030") <= "\u9fff"
+        except UnicodeDecodeError:
+            pass
         return "\ufffd", exc.end
 
 
@@ -217,31 +223,16 @@ def _sniff(path: Path, encoding: str = "utf-8") -> str:
     head = _head(path)
     encoding = _text_encoding(head, encoding)
     if b"\x00" in head and not encoding.startswith("utf-16") and not encoding.startswith("utf-32"):
-        raise UserError(f"{path}: binary file (contains NUL bytes), not text (a UTF-16 text file without a "
-                        "byte-order mark: pass --encoding utf-16-le or utf-16-be)")
+        wide = next((order for order in ("le", "be") if reads_as_text(head, f"utf-16-{order}")), None)
+        hint = f" (UTF-16 text without a byte-order mark? pass --encoding utf-16-{wide})" if wide else ""
+        raise UserError(f"{path}: binary file (contains NUL bytes), not text{hint}")
     text = head.decode(encoding, errors="replace")
     if encoding == "utf-8" and text.count("\ufffd") > max(8, len(head) // 1000):
-        other = _other_chinese_encoding(head)
-        guess = f"; it reads as {other} Chinese text: pass --encoding {other}" if other else "; pass --encoding"
-        raise UserError(f"{path}: not UTF-8 ({text.count(chr(0xFFFD))} invalid sequences in its first "
-                        f"{len(head)} bytes){guess}")
+        other = other_chinese_encoding(head)
+        if other:  # other invalid bytes are replaced, counted and reported, as before
+            raise UserError(f"{path}: not UTF-8 ({text.count(chr(0xFFFD))} invalid sequences in its first "
+                            f"{len(head)} bytes); it reads as {other} Chinese text: pass --encoding {other}")
     return text
-
-
-def _other_chinese_encoding(head: bytes) -> str | None:
-    """gb18030 or big5 when ``head`` (minus a character the cut may have split) decodes as one of them
-    into text that is mostly Chinese."""
-    for name in ("gb18030", "big5"):
-        for cut in range(4):
-            try:
-                text = head[: len(head) - cut].decode(name)
-            except UnicodeDecodeError:
-                continue
-            cjk = sum("\u4e00" <= c <= "\u9fff" for c in text)
-            if cjk >= 0.3 * sum(not c.isspace() for c in text):
-                return name
-            break
-    return None
 
 
 def detect_format(path: Path, requested: str = "auto", encoding: str = "utf-8") -> str:
@@ -404,7 +395,7 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
         stats.files += 1
         stats.formats[str(path)] = fmt
         stats.input_bytes += input_size(path)
-        before = _invalid_bytes.count
+        before, chinese_before = _invalid_bytes.count, _invalid_bytes.chinese_like
         if fmt in ("parquet", "dataset"):
             documents = _text_column_documents(path, fmt, options.text_field)
         elif fmt == "jsonl":
@@ -429,7 +420,7 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
             raise UserError(f"{path}: no letters, digits or characters, only punctuation and spaces: not text "
                             "to pretrain on (remove it from --input)")
         invalid = _invalid_bytes.count - before
-        if invalid > max(16, input_size(path) // 1000):  # not a stray byte: a part in another encoding
+        if _invalid_bytes.chinese_like - chinese_before > max(16, input_size(path) // 1000):  # GBK inside
             raise UserError(f"{path}: {invalid} bytes are not valid {options.encoding} (a part in another encoding, "
                             "such as GB18030 in a UTF-8 file?); convert the file to one encoding or set --encoding")
         if invalid:
