@@ -113,7 +113,7 @@ def prepare_parser():
     masking.add_argument("--whole-word-masking", action="store_true", help="with --static-masking")
     words = p.add_argument_group("word boundaries (Chinese whole-word masking)")
     words.add_argument("--word-segmenter", default=None,  # checked by WordOptions
-                       help="segment Chinese text into words with this segmenter (rjieba; pip install 'bertpre[zh]') "
+                       help="segment Chinese text into words with this segmenter (rjieba: the zh extra, pip install -e '.[zh]') "
                             "and store the boundaries, so that whole-word masking masks whole Chinese words")
     words.add_argument("--user-dict", default=None, metavar="FILE",
                        help="the segmenter's user dictionary for domain words: one 'word [frequency] [tag]' a line")

@@ -5,6 +5,7 @@ whether the stored word boundaries are the segmenter's words.
     python -m studies.chinese_data --corpus ../shared/data/corpora/chinese-novels --output studies/chinese-wwm \
         --words-in out/novels-64     # the word check alone, on a folder prepared with the segmenter
 
+0. Segmenters: rjieba against jieba (if installed) on the corpus's lines, MB/s and words made.
 1. Speed: `bertpre prepare --tokenizer T` (a tokenizer trained once first, so that its training
    is not timed) on the corpus, without and with `--word-segmenter rjieba`, at each --num-proc,
    each a separate process timed from start to exit, best of --repeat; throughput is input MB
@@ -30,10 +31,11 @@ from pathlib import Path
 
 import numpy as np
 
+from bertpre.data.cjk import is_cjk
 from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
 from bertpre.data.masking import IGNORE_INDEX, Masker, MaskingCollator
 from bertpre.data.prepared import PreparedData
-from bertpre.data.words import WordOptions, WordSegmenter, is_cjk, word_groups
+from bertpre.data.words import WordOptions, WordSegmenter, word_groups
 
 
 def run_prepare(corpus: Path, output: Path, tokenizer: Path | None, extra: list[str]) -> float:
@@ -47,7 +49,36 @@ def run_prepare(corpus: Path, output: Path, tokenizer: Path | None, extra: list[
     return time.perf_counter() - start
 
 
+def segmenter_speed(corpus: Path) -> list[dict]:
+    """rjieba against jieba (when installed; it is not a dependency) on the corpus's lines, one call per
+    line: MB/s and the number of words each makes."""
+    import rjieba
+
+    lines = [line for path in expand_inputs([str(corpus)]) for line in
+             path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    size = sum(len(line.encode()) for line in lines) / 1e6
+    cutters = {"rjieba": rjieba.cut}
+    try:
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        jieba.initialize()
+        cutters["jieba"] = jieba.lcut
+    except ImportError:
+        pass
+    results = []
+    for name, cut in cutters.items():
+        start = time.perf_counter()
+        words = sum(len(cut(line)) for line in lines)
+        seconds = time.perf_counter() - start
+        results.append({"segmenter": name, "words": words, "seconds": round(seconds, 2), "mb_per_s": round(size / seconds, 2)})
+    return results
+
+
 def segmenter_words(corpus: Path) -> set[str]:
+    """Every word the segmenter makes of the corpus's sentences."""
     segmenter = WordSegmenter(WordOptions("rjieba"))
     words: set[str] = set()
     options = CorpusOptions(doc_separator="^第.+回")
@@ -60,6 +91,7 @@ def segmenter_words(corpus: Path) -> set[str]:
 
 
 def chinese_groups(tokens: list[str], continues: np.ndarray) -> list[list[int]]:
+    """Positions of each word made of Chinese characters, by the stored boundaries."""
     groups: dict[int, list[int]] = {}
     for position, group in enumerate(word_groups(np.asarray(continues).astype(bool))):
         groups.setdefault(int(group), []).append(position)
@@ -82,7 +114,8 @@ def check_words(folder: Path, corpus: Path, batches: int) -> dict:
     rng = np.random.default_rng(0)
     masked_groups = one_word = partial = 0
     for _ in range(batches):
-        examples = [train[int(i)] for i in rng.choice(len(train), 64, replace=False)]
+        # draw numbers make the collator's masks a function of them (reproducible), as in training
+        examples = [dict(train[int(i)], draw=int(i)) for i in rng.choice(len(train), 64, replace=False)]
         labels = collate(examples)["labels"].numpy()
         for row, example in enumerate(examples):
             predicted = labels[row, : len(example["input_ids"])] != IGNORE_INDEX
@@ -115,7 +148,8 @@ def main() -> None:
         return
     size = sum(path.stat().st_size for path in expand_inputs([str(args.corpus)]))
     results: dict = {"corpus": str(args.corpus), "input_mb": size / 1e6, "machine": platform.processor() or
-                     platform.machine(), "speed": []}
+                     platform.machine(), "segmenters": segmenter_speed(args.corpus), "speed": []}
+    print(results["segmenters"], flush=True)
     with tempfile.TemporaryDirectory() as work:
         work = Path(work)
         run_prepare(args.corpus, work / "tokenizer", None, ["--num-proc", "2"])

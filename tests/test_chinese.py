@@ -11,14 +11,16 @@ import numpy as np
 import pytest
 
 from bertpre.cli import main
+from bertpre.data.cjk import is_cjk
 from bertpre.data.corpus import CorpusOptions, CorpusStats, read_documents
 from bertpre.data.masking import IGNORE_INDEX, Masker, MaskingCollator
 from bertpre.data.pairs import PairOptions
 from bertpre.data.prepare import PrepareOptions, prepare
 from bertpre.data.prepared import PreparedData, combine
 from bertpre.data.sentences import split_sentences
-from bertpre.data.words import WordOptions, WordSegmenter, is_cjk, word_groups
+from bertpre.data.words import WordOptions, WordSegmenter
 from bertpre.errors import UserError
+from studies.chinese_data import chinese_groups, segmenter_words  # the study's measure, tested here
 
 pytest.importorskip("rjieba")
 
@@ -105,30 +107,11 @@ def novel_prepared(tmp_path_factory) -> Path:
     return out
 
 
-def segmenter_words() -> set[str]:
-    segmenter = WordSegmenter(WordOptions("rjieba"))
-    words = set()
-    for document in read(NOVEL):
-        for sentence in document:
-            index = segmenter.word_of_character(sentence)
-            for word in np.unique(index):
-                words.add("".join(np.array(list(sentence))[index == word]))
-    return words
-
-
-def chinese_groups(tokens: list[str], continues: np.ndarray) -> list[list[int]]:
-    """Positions of each word made of Chinese characters, by the stored boundaries."""
-    groups: dict[int, list[int]] = {}
-    for position, group in enumerate(word_groups(continues.astype(bool))):
-        groups.setdefault(int(group), []).append(position)
-    return [g for g in groups.values() if all(len(tokens[p]) == 1 and is_cjk(tokens[p]) for p in g)]
-
-
 def test_stored_boundaries_are_the_segmenters_words(novel_prepared):
     prepared = PreparedData(novel_prepared)
     assert prepared.record.options["words"]["segmenter"] == "rjieba" and prepared.record.options["words"]["version"]
     train = prepared.load_dataset()["train"]
-    words = segmenter_words()
+    words = segmenter_words(NOVEL)
     multi, found = 0, 0
     for ids, continues in zip(train["input_ids"], train["word_continues"]):
         tokens = [prepared.tokenizer.id_to_token(i) for i in ids]

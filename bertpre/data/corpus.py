@@ -196,9 +196,9 @@ def _open_binary(path: Path) -> IO[bytes]:
     return opener(path, "rb")
 
 
-def _open_text(path: Path, encoding: str = "utf-8") -> io.TextIOWrapper:
-    return io.TextIOWrapper(_open_binary(path), encoding=_text_encoding(_head(path), encoding),
-                            errors=_invalid_bytes.name)
+def _open_text(path: Path, encoding: str) -> io.TextIOWrapper:
+    """``path`` as text in ``encoding``, as ``_sniff`` resolved it (a BOM's, else the one asked for)."""
+    return io.TextIOWrapper(_open_binary(path), encoding=encoding, errors=_invalid_bytes.name)
 
 
 def _head(path: Path) -> bytes:
@@ -217,9 +217,9 @@ def _text_encoding(head: bytes, requested: str) -> str:
     return requested
 
 
-def _sniff(path: Path, encoding: str = "utf-8") -> str:
-    """The start of a text file, decoded; refuses binary files and text in another encoding than
-    the one it is read with, in one line that names the file and the option."""
+def _sniff(path: Path, encoding: str) -> tuple[str, str]:
+    """The start of a text file, decoded, and the encoding to read it in; refuses binary files and text
+    in another encoding than the one it is read with, in one line that names the file and the option."""
     head = _head(path)
     encoding = _text_encoding(head, encoding)
     if b"\x00" in head and not encoding.startswith("utf-16") and not encoding.startswith("utf-32"):
@@ -232,19 +232,28 @@ def _sniff(path: Path, encoding: str = "utf-8") -> str:
         if other:  # other invalid bytes are replaced, counted and reported, as before
             raise UserError(f"{path}: not UTF-8 ({text.count(chr(0xFFFD))} invalid sequences in its first "
                             f"{len(head)} bytes); it reads as {other} Chinese text: pass --encoding {other}")
-    return text
+    return text, encoding
 
 
 def detect_format(path: Path, requested: str = "auto", encoding: str = "utf-8") -> str:
     """The explicit format if one was asked for, else guess from the extension and the content.
     Parquet files and saved datasets are always read as tables ("parquet", "dataset")."""
+    return _detect(path, requested, encoding)[0]
+
+
+def _detect(path: Path, requested: str, encoding: str) -> tuple[str, str]:
+    """(format, the encoding a text file is read in), from one read of the file's start."""
     if path.is_dir():
-        return "dataset"
+        return "dataset", encoding
     if path.suffix.lower() == ".parquet":
-        return "parquet"
-    sample = _sniff(path, encoding)
+        return "parquet", encoding
+    sample, encoding = _sniff(path, encoding)
     if requested != "auto":
-        return requested
+        return requested, encoding
+    return _format_of(path, sample), encoding
+
+
+def _format_of(path: Path, sample: str) -> str:
     if _content_suffix(path) in JSONL_SUFFIXES:
         return "jsonl"
     lines = sample.splitlines()
@@ -386,7 +395,7 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
     separator = re.compile(options.doc_separator) if options.doc_separator else None
     for path in files:
         try:
-            fmt = detect_format(path, options.format, options.encoding)
+            fmt, encoding = _detect(path, options.format, options.encoding)
         except UserError as e:
             if not options.skip_unreadable:
                 raise UserError(f"{e} (--skip-unreadable skips such files)") from None
@@ -399,11 +408,11 @@ def read_documents(files: Sequence[Path], options: CorpusOptions, stats: CorpusS
         if fmt in ("parquet", "dataset"):
             documents = _text_column_documents(path, fmt, options.text_field)
         elif fmt == "jsonl":
-            documents = _read_jsonl(path, options.text_field, options.encoding)
+            documents = _read_jsonl(path, options.text_field, encoding)
         elif fmt == "prose":
-            documents = _read_prose(path, separator, options.encoding)
+            documents = _read_prose(path, separator, encoding)
         else:
-            documents = _read_lines(path, separator, options.encoding)
+            documents = _read_lines(path, separator, encoding)
         has_words, documents_before = False, stats.documents  # a letter, digit or ideograph somewhere in the file
         try:
             for document in documents:

@@ -23,7 +23,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 from tokenizers import Tokenizer
 
-from bertpre.data.tokenizer import SpecialIds, special_ids
+from bertpre.data.tokenizer import SpecialIds, continuation_pieces, special_ids
+from bertpre.data.words import word_groups
 from bertpre.errors import UserError
 
 if TYPE_CHECKING:  # torch is imported where batches are made, so that `bertpre prepare` never loads it
@@ -57,13 +58,9 @@ class Masker:
         if max_predictions < 1:
             raise UserError(f"max_predictions must be at least 1, got {max_predictions}")
         special = special_ids(tokenizer)
-        vocab = tokenizer.get_vocab()
-        size = max(vocab.values()) + 1
+        size = max(tokenizer.get_vocab().values()) + 1
         random_pool = np.setdiff1d(np.arange(size, dtype=np.int64), np.array(special.all))
-        continuation = None
-        if whole_word:
-            continuation = np.zeros(size, dtype=bool)
-            continuation[[i for token, i in vocab.items() if token.startswith("##")]] = True
+        continuation = continuation_pieces(tokenizer) if whole_word else None
         return cls(special, random_pool, max_predictions, mlm_probability, continuation)
 
     def num_to_predict(self, length: int) -> int:
@@ -83,7 +80,7 @@ class Masker:
         continues = (self.continuation[ids] if word_continues is None else word_continues.astype(bool))[candidates]
         continues[1:] &= np.diff(candidates) == 1
         continues[0] = False
-        group_of = np.cumsum(~continues) - 1
+        group_of = word_groups(continues)
         starts = np.flatnonzero(~continues)
         lengths = np.diff(np.append(starts, len(candidates)))
         chosen: list[int] = []

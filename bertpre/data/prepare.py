@@ -182,6 +182,7 @@ class BlockProcessor:
         self.encoder = SentenceEncoder(tokenizer)
         self.special = special_ids(tokenizer)
         self.boundaries = WordBoundaries(tokenizer, options.words) if options.words.segmenter else None
+        assert tokenizer.get_vocab_size() < 1 << WORD_FLAG_BIT, "ids must leave WORD_FLAG_BIT free"
         self.masker = (
             Masker.from_tokenizer(tokenizer, default_max_predictions(options.pairs.max_seq_length),
                                   whole_word=options.whole_word_masking)
@@ -213,10 +214,10 @@ class BlockProcessor:
         texts = [s for d in documents for s in d]
         if self.boundaries is None:
             ids, counts = self.encoder.encode(texts)
-            unk = int(np.count_nonzero(ids == self.special.unk))
         else:
             ids, counts, continues = self.boundaries.encode(texts)
-            unk = int(np.count_nonzero(ids == self.special.unk))
+        stats.unk_tokens += int(np.count_nonzero(ids == self.special.unk))
+        if self.boundaries is not None:
             ids = ids | (continues.astype(np.int32) << WORD_FLAG_BIT)
         sentences = np.split(ids, np.cumsum(counts)[:-1]) if len(counts) else []
         limit, piece = self.options.pairs.max_num_tokens, max(1, self.options.pairs.max_num_tokens // 4)
@@ -232,7 +233,6 @@ class BlockProcessor:
                 stats.documents += 1
                 stats.sentences += len(tokenized)
         stats.tokens += int(counts.sum())
-        stats.unk_tokens += unk
         return out
 
     def _record_batch(self, instances: list[Instance], mask_rng: np.random.Generator,

@@ -16,7 +16,9 @@ import re
 
 import blingfire
 
-_CJK = "\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\U00020000-\U0002fa1f"
+from bertpre.data.cjk import CHARACTER_CLASS
+
+_CJK = CHARACTER_CLASS
 _CHINESE = re.compile(f"[{_CJK}\u3000-\u303f\uff01-\uff5e\u2026]")  # ideographs, CJK and full-width punctuation
 _CLOSING = "\u201d\u2019\u300d\u300f\uff09\u300b\u3011\"')"
 # a sentence end: Chinese terminal marks, an ellipsis, or ASCII !? right after a Chinese character; then closers

@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
+from bertpre.data.cjk import is_cjk
 from bertpre.errors import UserError
 
 PAD, UNK, CLS, SEP, MASK = "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"
@@ -114,8 +115,15 @@ def _inside_words(c: str) -> bool:
     code = ord(c)
     if 33 <= code <= 47 or 58 <= code <= 64 or 91 <= code <= 96 or 123 <= code <= 126:
         return False  # BERT treats all ASCII symbols as punctuation
-    return not (0x4E00 <= code <= 0x9FFF or 0x3400 <= code <= 0x4DBF or 0xF900 <= code <= 0xFAFF
-                or 0x20000 <= code <= 0x2FA1F)  # CJK ideographs are words of their own
+    return not is_cjk(c)  # CJK ideographs are words of their own
+
+
+def continuation_pieces(tokenizer: Tokenizer) -> np.ndarray:
+    """(vocabulary size,) bool: True for the ids of ``##`` pieces, which continue the word before them."""
+    vocab = tokenizer.get_vocab()
+    table = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    table[[i for token, i in vocab.items() if token.startswith("##")]] = True
+    return table
 
 
 def _canonical_order(vocab: dict[str, int]) -> dict[str, int]:

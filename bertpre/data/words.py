@@ -20,22 +20,24 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Tokenizer
 
+from bertpre.data.cjk import is_cjk
+from bertpre.data.tokenizer import continuation_pieces
 from bertpre.errors import UserError
 
 SEGMENTERS = ("rjieba",)
-_CJK_RANGES = ((0x3400, 0x4DBF), (0x4E00, 0x9FFF), (0xF900, 0xFAFF), (0x20000, 0x2FA1F))
 
 
-def is_cjk(character: str) -> bool:
-    """A CJK ideograph: BERT's tokenizer makes each one a token of its own."""
-    code = ord(character)
-    return any(low <= code <= high for low, high in _CJK_RANGES)
+def chinese_characters(tokenizer: Tokenizer) -> np.ndarray:
+    """(vocabulary size,) bool: True for the ids of single Chinese characters."""
+    vocab = tokenizer.get_vocab()
+    table = np.zeros(max(vocab.values()) + 1, dtype=bool)
+    table[[i for token, i in vocab.items() if len(token) == 1 and is_cjk(token)]] = True
+    return table
 
 
 def mostly_chinese(tokenizer: Tokenizer) -> bool:
     """Whether a vocabulary is mostly single Chinese characters (a Chinese corpus's)."""
-    vocab = tokenizer.get_vocab()
-    return sum(len(token) == 1 and is_cjk(token) for token in vocab) > 0.5 * len(vocab)
+    return chinese_characters(tokenizer).sum() > 0.5 * tokenizer.get_vocab_size()
 
 
 @dataclass(frozen=True)
@@ -65,7 +67,8 @@ def _import_rjieba():
     try:
         import rjieba
     except ImportError:
-        raise UserError("--word-segmenter rjieba needs the rjieba package: pip install 'bertpre[zh]'") from None
+        raise UserError("--word-segmenter rjieba needs the rjieba package, bertpre's zh extra: pip install 'bertpre[zh]' "
+                        "(pip install -e '.[zh]' in a clone)") from None
     return rjieba
 
 
@@ -102,10 +105,8 @@ class WordSegmenter:
 
     def word_of_character(self, sentence: str) -> np.ndarray:
         """(len(sentence),) int32: the index of the segmenter word each character belongs to."""
-        words = np.empty(len(sentence), dtype=np.int32)
-        for index, (_, start, end) in enumerate(self._jieba.tokenize(sentence)):
-            words[start:end] = index
-        return words
+        lengths = [len(word) for word in self._jieba.cut(sentence)]
+        return np.repeat(np.arange(len(lengths), dtype=np.int32), lengths)
 
 
 class WordBoundaries:
@@ -114,9 +115,8 @@ class WordBoundaries:
     def __init__(self, tokenizer: Tokenizer, options: WordOptions) -> None:
         self.tokenizer = tokenizer
         self.segmenter = WordSegmenter(options)
-        vocab = tokenizer.get_vocab()
-        self.piece = np.zeros(max(vocab.values()) + 1, dtype=bool)
-        self.piece[[i for token, i in vocab.items() if token.startswith("##")]] = True
+        self.piece = continuation_pieces(tokenizer)
+        self.chinese = chinese_characters(tokenizer)  # a Chinese character outside the vocabulary ([UNK]) ends a word
 
     def encode(self, sentences: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(ids back to back as int32, ids per sentence as int64, continues-the-word flags as bool)."""
@@ -132,16 +132,13 @@ class WordBoundaries:
         return np.concatenate(ids), counts, np.concatenate(flags)
 
     def _continues(self, sentence: str, ids: np.ndarray, offsets: list[tuple[int, int]]) -> np.ndarray:
-        continues = self.piece[ids].copy()
-        if len(ids) < 2:
-            return np.zeros(len(ids), dtype=bool)
-        starts = np.array([start for start, _ in offsets], dtype=np.int64)
-        chinese = np.array([end - start == 1 and is_cjk(sentence[start]) for start, end in offsets])
-        if chinese.sum() >= 2:
-            word = self.segmenter.word_of_character(sentence)[starts]
-            same_word = chinese[1:] & chinese[:-1] & (word[1:] == word[:-1])
-            continues[1:] |= same_word
-        continues[0] = False
+        continues = self.piece[ids]
+        chinese = self.chinese[ids]
+        if np.count_nonzero(chinese[1:] & chinese[:-1]):  # two Chinese characters in a row: ask the segmenter
+            word = self.segmenter.word_of_character(sentence)[np.array(offsets, dtype=np.int64).reshape(-1, 2)[:, 0]]
+            continues[1:] |= chinese[1:] & chinese[:-1] & (word[1:] == word[:-1])
+        if len(continues):
+            continues[0] = False
         return continues
 
 
