@@ -56,6 +56,19 @@ def test_wrapped_chinese_lines_join_without_a_space():
     assert split_sentences("他说：“好\n  的。” 然后\n走了。") == ["他说：“好的。”", "然后走了。"]
 
 
+def test_task_text_splits_each_review_into_one_document_of_its_sentences():
+    from data_prep.task_text import task_documents  # the script that turns a task's text into a corpus
+
+    rows = REVIEWS.read_text(encoding="utf-8").splitlines()[1:]
+    reviews = ["".join(row.split("\t", 1)[1].split()) for row in rows]
+    documents = task_documents(REVIEWS, "sentence", 1, split=True)
+    assert len(documents) == len(reviews)  # one document a review, none merged or lost
+    assert ["".join(d).replace(" ", "") for d in documents] == reviews
+    assert sum(len(d) > 1 for d in documents) > len(documents) // 2  # most reviews hold several sentences
+    unsplit = task_documents(REVIEWS, "sentence", 8)  # without split: 8 whole cells a document, as before
+    assert [len(d) for d in unsplit] == [8] * (len(reviews) // 8) + ([len(reviews) % 8] if len(reviews) % 8 else [])
+
+
 def read(path: Path, **options) -> list[list[str]]:
     return list(read_documents([path], CorpusOptions(**options), CorpusStats()))
 
