@@ -1,6 +1,6 @@
 """Transfer study: does a pretrained checkpoint fine-tune better than the same architecture from
-random initialisation? SST-2 subsets (low-resource runs show transfer best), several subset
-seeds, the same fine-tuning budget for both; accuracy on SST-2's dev set.
+random initialisation? Subsets of a task's training file (SST-2 by default; low-resource runs show
+transfer best), several subset seeds, the same fine-tuning budget for both; accuracy on its dev set.
 
     python studies/transfer_study.py CKPT --output studies/transfer-mini
 
@@ -21,6 +21,7 @@ from pathlib import Path
 
 from bertpre.errors import UserError
 from bertpre.model.bert import DROPOUT_FIELDS, POOLINGS, check_dropout, config_differences
+from bertpre.tasks.table import read_table
 
 ROOT = Path(__file__).resolve().parents[1]
 SST2 = ROOT.parent / "shared" / "data" / "tasks" / "sst2"
@@ -52,8 +53,10 @@ def finetune(checkpoint: Path, seed: int, random_init: bool, learning_rate: floa
 
 
 def table(results: list[dict], args) -> str:
-    lines = [f"SST-2 dev accuracy (872 sentences; one standard error is about 1.5 points near 0.70) after "
-             f"{args.epochs} epochs on {args.examples} training sentences, from `{args.checkpoint}`"
+    n_dev = len(read_table(args.dev))
+    lines = [f"Dev accuracy on `{args.dev}` ({n_dev} examples; one standard error is about "
+             f"{100 * (0.25 / n_dev) ** 0.5:.1f} points near 0.5, less nearer 1) after "
+             f"{args.epochs} epochs on {args.examples} training examples, from `{args.checkpoint}`"
              f"{' (pooler re-initialised)' if args.reinit_pooler else ''}"
              f"{f' (top {args.reinit_layers} layers re-initialised)' if args.reinit_layers else ''}"
              f"{f' (layer-wise lr decay {args.layer_lr_decay:g})' if args.layer_lr_decay != 1 else ''}"

@@ -280,3 +280,38 @@ def test_whole_word_masking_on_chinese_data_without_boundaries_warns(novel_prepa
         data.setup("fit")
         assert ("--word-segmenter rjieba" in capsys.readouterr().out) is warned
         assert data.masker.continuation is not None and data.val_masker.continuation is None
+
+
+def test_a_resumed_run_masks_the_same_whole_words(novel_prepared, tmp_path):
+    """Word boundaries survive a resume: a run resumed from its step-4 checkpoint logs the same losses at
+    steps 4-7 as the uninterrupted run, which a run masking characters does not."""
+    import csv
+
+    import yaml
+    from conftest import ROOT
+
+    def run(name: str, *extra: str) -> Path:
+        config = yaml.safe_load((ROOT / "configs" / "bert-mini-zh-cpu.yaml").read_text(encoding="utf-8"))
+        config["trainer"]["callbacks"][0]["init_args"].update(every_n_train_steps=4, save_top_k=-1)
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(config), encoding="utf-8")
+        folder = tmp_path / name
+        main(["train", "--config", str(path), "--data.path", str(novel_prepared), "--trainer.default_root_dir",
+              str(folder), "--trainer.max_time", "null", "--trainer.max_steps", "8", "--model.schedule_by", "steps",
+              "--data.batch_size", "8", "--trainer.limit_val_batches", "0", "--trainer.log_every_n_steps", "1",
+              "--trainer.enable_progress_bar", "false", *extra])
+        return folder
+
+    def losses(folder: Path, version: int) -> dict[int, float]:
+        rows = csv.DictReader((folder / "logs" / f"version_{version}" / "metrics.csv").open())
+        return {int(r["step"]): float(r["train/loss"]) for r in rows if r.get("train/loss")}
+
+    words = run("words")
+    reference = losses(words, 0)
+    step4 = next((words / "checkpoints").glob("*step=4.ckpt"))
+    run("words", "--ckpt_path", str(step4))
+    resumed = losses(words, 1)
+    assert sorted(resumed) == [4, 5, 6, 7], resumed
+    assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
+    characters = losses(run("characters", "--data.whole_word_masking", "false"), 0)
+    assert all(characters[s] != reference[s] for s in resumed), (characters, reference)
