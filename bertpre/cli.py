@@ -277,6 +277,7 @@ def run_bench(argv: Sequence[str]) -> None:
 
 def gpu_check_parser() -> argparse.ArgumentParser:
     from bertpre.perf.gpucheck import STAGES
+    from bertpre.training.options import COMPILE_MODES
 
     p = argparse.ArgumentParser(
         prog="bertpre gpu-check",
@@ -294,6 +295,7 @@ def gpu_check_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=None, help="steps of each training run, even (default 200; "
                    "20 with --miniature)")
     p.add_argument("--num-workers", type=int, default=8, help="data loader workers of each training run")
+    p.add_argument("--compile-mode", choices=COMPILE_MODES, help="the compiled stage's model.compile_mode")
     p.add_argument("--input", nargs="+", default=None, metavar="PATH", help="text to prepare (default: the "
                    "bundled sample)")
     p.add_argument("--corpus", nargs="+", default=None, metavar="PATH",
@@ -312,7 +314,7 @@ def run_gpu_check(argv: Sequence[str]) -> None:
 
     args = gpu_check_parser().parse_args(argv)
     values = dict(preset=args.preset, large_preset=args.large_preset, corpus=args.corpus,
-                  stages=tuple(args.stages), overwrite=args.overwrite)
+                  stages=tuple(args.stages), overwrite=args.overwrite, compile_mode=args.compile_mode)
     for name in ("steps", "recipe_minutes"):
         if getattr(args, name) is not None:
             values[name] = getattr(args, name)

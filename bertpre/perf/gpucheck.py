@@ -81,6 +81,7 @@ class GpuCheckOptions:
     num_workers: int = 8
     corpus: list[str] | None = None  # text for the recipe stage
     recipe_minutes: float = 5.0
+    compile_mode: str | None = None  # the compiled stage's model.compile_mode (None: torch's default)
     stages: tuple[str, ...] = ()  # empty: all
     miniature: bool = False
     overwrite: bool = False
@@ -220,9 +221,11 @@ class Check:
 
     def stage_compiled(self) -> dict:
         env = {"TORCH_LOGS": "recompiles,graph_breaks"}
-        done = self.bertpre(*self.train_args("compiled", self.o.steps, "--model.compile", "true"), env=env,
+        mode = ["--model.compile_mode", self.o.compile_mode] if self.o.compile_mode else []
+        done = self.bertpre(*self.train_args("compiled", self.o.steps, "--model.compile", "true", *mode), env=env,
                             log="compiled")
         result = self._training_result("compiled", done, self.o.steps)
+        result["compile_mode"] = self.o.compile_mode or "default"
         result["graph_breaks"] = done.stderr.count("Graph break")
         # one graph per (grad mode: training / validation) x (a padding mask or none) is by design: each
         # is compiled once; any other guard failure (a shape, a dtype) is a recompile the step should not need

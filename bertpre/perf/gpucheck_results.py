@@ -81,7 +81,7 @@ def format_table(results: dict) -> str:
     for name, r in results["stages"].items():
         figures = []
         for key in ("tokens_per_sec", "mfu", "peak_memory_gb", "loss_first", "loss_last", "speedup_over_eager",
-                    "graph_breaks", "recompiles", "unexpected_recompiles", "max_relative_loss_difference",
+                    "compile_mode", "graph_breaks", "recompiles", "unexpected_recompiles", "max_relative_loss_difference",
                     "before_kill_max_relative_difference", "killed_at_step", "speedup",
                     "largest_batch", "val_mlm_accuracy", "val_mlm_context_gain", "steps", "error"):
             if key in r and r[key] is not None:

@@ -32,14 +32,12 @@ from bertpre.training.checkpointing import FinalCheckpoint, check_free_space, ch
 from bertpre.training.loss import pretraining_loss
 from bertpre.training.nonfinite import NonFiniteGuard, all_finite
 from bertpre.training.optim import (
-    OPTIMIZERS,
-    SCHEDULES,
-    adamw_implementation,
     build_optimizer,
     clip_gradients,
     step_schedule,
     time_schedule,
 )
+from bertpre.training.options import check_options
 from bertpre.training.plateau import ordinary_ids, random_context
 from bertpre.training.throughput import ThroughputLogger
 
@@ -50,30 +48,6 @@ INIT_FROM_MAY_DIFFER = (*DROPOUT_FIELDS, *INIT_ONLY_FIELDS, "sentence_head")
 # logged as train/<name> and val/<name>, "sentence" under the data's objective (nsp_loss, sop_accuracy);
 # the sentence metrics are absent for --objective none
 METRICS = ("loss", "mlm_loss", "sentence_loss", "mlm_accuracy", "sentence_accuracy")
-
-
-def check_options(o: dict[str, Any]) -> None:
-    """The pretraining module's options (``PretrainModule``'s arguments by name), each error naming its
-    option; the non-finite guard checks its own two."""
-    if o["learning_rate"] <= 0:
-        raise UserError(f"model.learning_rate must be positive, got {o['learning_rate']}")
-    if not 0.0 <= o["warmup_fraction"] < 1.0:
-        raise UserError(f"model.warmup_fraction must be in [0, 1), got {o['warmup_fraction']}")
-    if o["lr_schedule"] not in SCHEDULES:
-        raise UserError(f"model.lr_schedule must be one of {', '.join(SCHEDULES)}, got {o['lr_schedule']!r}")
-    if not 0.0 < o["decay_fraction"] <= 1.0:
-        raise UserError(f"model.decay_fraction must be in (0, 1], got {o['decay_fraction']}")
-    if o["schedule_by"] not in ("steps", "time"):
-        raise UserError(f"model.schedule_by must be 'steps' or 'time', got {o['schedule_by']!r}")
-    if o["optimizer"] not in OPTIMIZERS:
-        raise UserError(f"model.optimizer must be one of {', '.join(OPTIMIZERS)}, got {o['optimizer']!r}")
-    adamw_implementation(o["optimizer_implementation"], device_type="cpu")  # checks the name
-    if o["vocab_multiple_of"] < 1:
-        raise UserError(f"model.vocab_multiple_of must be at least 1, got {o['vocab_multiple_of']}")
-    if o["context_gain_batches"] < 0:
-        raise UserError(f"model.context_gain_batches must be 0 or more, got {o['context_gain_batches']}")
-    if not 0.0 <= o["plateau_check_fraction"] <= 1.0:
-        raise UserError(f"model.plateau_check_fraction must be in [0, 1], got {o['plateau_check_fraction']}")
 
 
 class PretrainModule(L.LightningModule):
@@ -93,6 +67,7 @@ class PretrainModule(L.LightningModule):
         optimizer_implementation: str = "auto",
         vocab_multiple_of: int = 1,
         compile: bool = False,
+        compile_mode: str | None = None,
         activation_checkpointing: bool = False,
         nonfinite: str = "skip",
         max_nonfinite_in_a_row: int = 10,
@@ -122,6 +97,7 @@ class PretrainModule(L.LightningModule):
             vocab_multiple_of: when vocab_size is taken from the tokenizer, round it up to a multiple
                 of this (64 suits GPU tensor cores); the extra rows are never predicted
             compile: torch.compile the model
+            compile_mode: torch.compile's mode (bertpre.training.options.COMPILE_MODES; None: torch's default)
             activation_checkpointing: recompute encoder layers in the backward pass (less memory, about
                 a third more compute), for long sequences
             nonfinite: a step whose loss or gradients are not finite is "skip"ped (no update) or
@@ -142,11 +118,10 @@ class PretrainModule(L.LightningModule):
         self.adam_betas, self.adam_eps = tuple(adam_betas), adam_eps
         self.lr_schedule, self.decay_fraction, self.schedule_by = lr_schedule, decay_fraction, schedule_by
         self.optimizer_name, self.optimizer_implementation = optimizer, optimizer_implementation
-        self.compile_model, self.activation_checkpointing = compile, activation_checkpointing
+        self.compile_model, self.compile_mode, self.activation_checkpointing = compile, compile_mode, activation_checkpointing
         self.nonfinite_guard = NonFiniteGuard(nonfinite, max_nonfinite_in_a_row)
-        self.context_gain_batches = context_gain_batches
+        self.context_gain_batches, self.plateau_checked = context_gain_batches, False
         self.plateau_check_fraction, self.plateau_min_gain = plateau_check_fraction, plateau_min_gain
-        self.plateau_checked = False
         # plain data only (checkpoints load with weights_only): the config as a dict, the betas as a list
         self.save_hyperparameters({**given, "config": asdict(config), "adam_betas": list(adam_betas)})
         self.model: BertForPretraining | None = None
@@ -214,7 +189,7 @@ class PretrainModule(L.LightningModule):
         if self.init_from:
             self._load_initial_weights(self.init_from)
         if self.compile_model:
-            self.model.compile()  # in place: parameter names stay free of "_orig_mod."
+            self.model.compile(mode=self.compile_mode)  # in place: parameter names stay free of "_orig_mod."
 
     def _load_initial_weights(self, path: str) -> None:
         checkpoint = read_checkpoint(path)

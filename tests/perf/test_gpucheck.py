@@ -27,6 +27,23 @@ def test_bad_options_get_one_line(tmp_path, capsys):
     assert error_line(capsys, "--output", str(busy)) == \
         f"bertpre gpu-check: error: --output {busy} exists and is not empty (use --overwrite to replace it)"
     assert (busy / "notes.txt").read_text() == "mine"
+    assert "--compile-mode: invalid choice: 'fastest'" in error_line(capsys, "--output", str(tmp_path / "c"),
+                                                                     "--compile-mode", "fastest")
+
+
+def test_the_compiled_stage_trains_with_the_chosen_compile_mode(tmp_path, monkeypatch):
+    import subprocess
+
+    from bertpre.perf.gpucheck import Check, GpuCheckOptions
+
+    commands = []
+    monkeypatch.setattr(Check, "bertpre", lambda self, *args, **kw: commands.append(args) or
+                        subprocess.CompletedProcess(args, 1, "", "stopped here"))
+    for mode in (None, "max-autotune-no-cudagraphs"):
+        check = Check(GpuCheckOptions.miniature_options(tmp_path, compile_mode=mode))
+        assert check.stage_compiled()["compile_mode"] == (mode or "default")
+    assert "--model.compile_mode" not in commands[0]
+    assert commands[1][commands[1].index("--model.compile_mode") + 1] == "max-autotune-no-cudagraphs"
 
 
 @pytest.mark.slow  # about 2 minutes on 2 cores (two compiles)
@@ -45,6 +62,7 @@ def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
     for name in ("eager", "compiled"):
         assert stages[name]["loss_finite"] and stages[name]["loss_falling"] and stages[name]["tokens_per_sec"] > 0
     assert stages["compiled"]["graph_breaks"] == 0 and stages["compiled"]["unexpected_recompiles"] == 0
+    assert stages["compiled"]["compile_mode"] == "default"
     assert stages["resume"]["max_relative_loss_difference"] == 0.0, "a CPU resume is exact"
     assert stages["large"]["largest_batch"] == 8 and stages["bench"]["speedup"] > 0
     assert stages["recipe"]["val_mlm_accuracy"] is not None

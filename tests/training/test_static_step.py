@@ -163,3 +163,24 @@ def test_the_stop_guard_reads_nothing_from_the_device_between_its_checks():
     # skip must decide at each step, so it reads the verdict every step
     _, _, seen = guard_steps("skip", [1.0, float("nan"), 2.0])
     assert seen.get("_local_scalar_dense", 0) >= 3
+
+
+def test_compile_mode_reaches_torch_compile_and_is_checked(sample_prepared, monkeypatch):
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.errors import UserError
+    from bertpre.lightning_cli import connect
+    from bertpre.model.bert import BertConfig
+    from bertpre.training.pretraining import PretrainModule
+
+    small = BertConfig(hidden_size=8, num_layers=1, num_heads=2, intermediate_size=16)
+    with pytest.raises(UserError, match="model.compile_mode must be one of default, reduce-overhead, max-autotune"):
+        PretrainModule(small, compile=True, compile_mode="fastest")
+    with pytest.raises(UserError, match="model.compile_mode max-autotune needs model.compile: true"):
+        PretrainModule(small, compile_mode="max-autotune")
+    modes = []
+    monkeypatch.setattr(BertForPretraining, "compile", lambda self, **kw: modes.append(kw.get("mode", "unset")))
+    for mode in (None, "max-autotune-no-cudagraphs"):
+        module = PretrainModule(small, compile=True, compile_mode=mode)
+        connect(module, PretrainDataModule(str(sample_prepared), batch_size=2))
+        module.configure_model()
+    assert modes == [None, "max-autotune-no-cudagraphs"]  # None: torch's default mode
