@@ -2,7 +2,7 @@
 they are, and with every unmasked ordinary token replaced by a random one.
 
     python studies/mlm_context_probe.py CHECKPOINT PREPARED_DIR [--batches 50] [--random-init]
-        [--neighbours WORD ...]
+        [--whole-word-masking] [--neighbours WORD ...]
 
 A model that has learned only which tokens are frequent scores about the same on both; the
 gap is what it gets from context (what fine-tuning can build on). Also printed: the accuracy
@@ -37,6 +37,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--random-init", action="store_true",
                         help="the checkpoint's architecture at BERT's random initialisation (the baseline)")
+    parser.add_argument("--whole-word-masking", action="store_true",
+                        help="mask whole words (a Chinese word as PREPARED_DIR's segmenter stored it) instead of tokens")
     parser.add_argument("--neighbours", nargs="*", default=[], metavar="WORD",
                         help="also print these words' nearest neighbours in the word-embedding space")
     args = parser.parse_args()
@@ -46,7 +48,8 @@ def main() -> None:
         raise UserError(f"{args.checkpoint} was trained with another vocabulary than {args.prepared}'s tokenizer")
     if args.random_init:
         model = BertForPretraining.randomly_initialised(model.config).eval()
-    masker = Masker.from_tokenizer(prepared.tokenizer, default_max_predictions(prepared.max_seq_length))
+    masker = Masker.from_tokenizer(prepared.tokenizer, default_max_predictions(prepared.max_seq_length),
+                                   whole_word=args.whole_word_masking)
     collate = ContentSeededCollator(masker, pad_to_multiple_of=8)
     splits = prepared.load_dataset()
     rows = splits["validation"].with_format("numpy")

@@ -1,0 +1,104 @@
+"""The Chinese study's figures from what its runs wrote: both pretraining arms' validation curves
+(val MLM accuracy and context gain against steps, one PNG) and one table of the arms and of
+ChnSentiCorp fine-tuning from each encoder against random weights.
+
+    python -m studies.chinese_report --study studies/chinese-wwm
+
+Reads STUDY/ARM-metrics.csv (a run's metrics.csv, copied in) for each arm and
+STUDY/transfer/NAME/results.json (written by studies/transfer_study.py); writes STUDY/curves.png
+and STUDY/table.md. Reads and draws only: nothing is trained here.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import statistics
+from pathlib import Path
+
+ARMS = {"wwm": "whole words", "char": "characters"}
+# the fine-tuned encoders: the transfer folder, and what it started from
+ENCODERS = {"wwm": "novels, whole words", "char": "novels, characters",
+            "wwm-tapt": "novels, whole words, then the reviews' text",
+            "char-tapt": "novels, characters, then the reviews' text"}
+
+
+def validation_curve(metrics: Path) -> list[dict]:
+    """(step, accuracy, context gain, majority, sentence accuracy) at each validation of a run."""
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/mlm_accuracy")]
+    return [{"step": int(r["step"]) + 1, "accuracy": float(r["val/mlm_accuracy"]),
+             "gain": float(r["val/mlm_context_gain"]), "majority": float(r["val/mlm_majority_accuracy"]),
+             "nsp": float(r["val/nsp_accuracy"]) if r.get("val/nsp_accuracy") else None} for r in rows]
+
+
+def accuracies(results: Path, random_init: bool) -> list[float]:
+    runs = json.loads(results.read_text())["runs"]
+    return [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"]) if r["random_init"] is random_init]
+
+
+def mean_sd(values: list[float]) -> str:
+    return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
+
+
+def table(study: Path, curves: dict[str, list[dict]]) -> str:
+    lines = ["| masking | val MLM accuracy at 2k / 4k / 6k / 8k steps | context gain at the end | majority | "
+             "NSP accuracy |", "|---|---|---|---|---|"]
+    for arm, curve in curves.items():
+        at = {p["step"]: p for p in curve}
+        marks = " / ".join(f"{at[s]['accuracy']:.3f}" if s in at else "-" for s in (2000, 4000, 6000, 8000))
+        end = curve[-1]
+        lines.append(f"| {ARMS[arm]} | {marks} | {end['gain']:.3f} | {end['majority']:.3f} | {end['nsp']:.3f} |")
+    random = None
+    rows = []
+    for name, encoder in ENCODERS.items():
+        results = study / "transfer" / name / "results.json"
+        if not results.is_file():
+            continue
+        random = random or accuracies(results, True)
+        got = accuracies(results, False)
+        rows.append(f"| {encoder} | {' / '.join(f'{a:.3f}' for a in got)} | {mean_sd(got)} | "
+                    f"{100 * (statistics.mean(got) - statistics.mean(random)):+.1f} |")
+    if random:
+        lines += ["", "| ChnSentiCorp dev, fine-tuned from | seeds 0 / 1 / 2 | mean ± sd | against random weights |",
+                  "|---|---|---|---|", f"| random weights | {' / '.join(f'{a:.3f}' for a in random)} | "
+                  f"{mean_sd(random)} | |", *rows]
+    return "\n".join(lines) + "\n"
+
+
+def plot(curves: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (accuracy, gain) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for arm, curve in curves.items():
+        steps = [p["step"] for p in curve]
+        accuracy.plot(steps, [p["accuracy"] for p in curve], marker=".", label=f"masking {ARMS[arm]}")
+        gain.plot(steps, [p["gain"] for p in curve], marker=".", label=f"masking {ARMS[arm]}")
+    first = next(iter(curves.values()))
+    accuracy.axhline(first[-1]["majority"], color="grey", linestyle=":", label="most frequent token")
+    accuracy.set(title="validation MLM accuracy (characters masked at 15%)", xlabel="step", ylabel="accuracy")
+    gain.set(title="context gain (real minus random context)", xlabel="step", ylabel="gain")
+    accuracy.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--study", type=Path, required=True, help="the study folder (ARM-metrics.csv, transfer/)")
+    args = p.parse_args(argv)
+    curves = {arm: validation_curve(args.study / f"{arm}-metrics.csv") for arm in ARMS
+              if (args.study / f"{arm}-metrics.csv").is_file()}
+    if not curves:
+        raise SystemExit(f"chinese_report: no ARM-metrics.csv in {args.study}")
+    plot(curves, args.study / "curves.png")
+    (args.study / "table.md").write_text(table(args.study, curves))
+    print((args.study / "table.md").read_text())
+
+
+if __name__ == "__main__":
+    main()
