@@ -315,3 +315,31 @@ def test_a_resumed_run_masks_the_same_whole_words(novel_prepared, tmp_path):
     assert all(resumed[s] == reference[s] for s in resumed), (resumed, reference)
     characters = losses(run("characters", "--data.whole_word_masking", "false"), 0)
     assert all(characters[s] != reference[s] for s in resumed), (characters, reference)
+
+
+def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
+    """studies/chinese_report on the committed arm metrics and a transfer results.json: the table's 8k
+    accuracies are the CSVs' last validations, the transfer row its seeds' mean against random weights."""
+    import csv
+    import shutil
+
+    from conftest import ROOT
+
+    from studies import chinese_report
+
+    study = ROOT / "studies" / "chinese-wwm"
+    for arm in ("wwm", "char"):
+        shutil.copy(study / f"{arm}-metrics.csv", tmp_path / f"{arm}-metrics.csv")
+    runs = [{"seed": s, "random_init": r, "final_accuracy": a}
+            for s, r, a in ((0, True, 0.80), (1, True, 0.82), (2, True, 0.84), (0, False, 0.85), (1, False, 0.86),
+                            (2, False, 0.90))]
+    (tmp_path / "transfer" / "wwm-tapt").mkdir(parents=True)
+    (tmp_path / "transfer" / "wwm-tapt" / "results.json").write_text(json.dumps({"runs": runs}))
+    chinese_report.main(["--study", str(tmp_path)])
+    table = (tmp_path / "table.md").read_text()
+    for arm in ("wwm", "char"):
+        rows = [r for r in csv.DictReader((tmp_path / f"{arm}-metrics.csv").open()) if r.get("val/mlm_accuracy")]
+        assert rows[-1]["step"] == "7999" and f"{float(rows[-1]['val/mlm_accuracy']):.3f} |" in table
+    assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 |" in table
+    assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in table
+    assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

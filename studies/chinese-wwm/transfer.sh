@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# ChnSentiCorp transfer for the Chinese study (README.md here): continued pretraining of each arm on
+# ChnSentiCorp's training text (labels dropped), then fine-tuning 2,000-review subsets (3 seeds) from
+# each encoder and from random weights. Run from the repository root, alone on the machine, after
+# both pretraining arms (runs/zh-study/wwm and runs/zh-study/char). About 50 minutes on a 2-core VM.
+set -euo pipefail
+TASK=../shared/data/tasks/chnsenticorp
+OUT=studies/chinese-wwm/transfer
+if [ ! -d out/chnsenti-64 ]; then
+    python data_prep/task_text.py $TASK/train.tsv --output out/chnsenti-text/train.txt \
+        --sentences-per-document 1 --split-sentences
+    bertpre prepare --input out/chnsenti-text --output out/chnsenti-64 --tokenizer out/novels-64 \
+        --max-seq-length 64 --format lines --word-segmenter rjieba
+fi
+tapt() {  # arm, extra options: 1,400 steps of 64 x 64 on the reviews' text from the arm's last checkpoint
+    bertpre train --config configs/bert-mini-zh-cpu.yaml --data.path out/chnsenti-64 \
+        --model.init_from runs/zh-study/$1/checkpoints/last.ckpt --model.schedule_by steps \
+        --trainer.max_steps 1400 --trainer.max_time null --trainer.val_check_interval 200 \
+        --trainer.default_root_dir runs/zh-study/$1-tapt "${@:2}" > runs/zh-study/$1-tapt.log 2>&1
+}
+transfer() {  # name, checkpoint, extra options
+    python -m studies.transfer_study "$2" --output $OUT/$1 --train $TASK/train.tsv --dev $TASK/dev.tsv \
+        --examples 2000 --learning-rates 3e-4 --runs runs/zh-transfer/$1 "${@:3}"
+}
+[ -f runs/zh-study/wwm-tapt/checkpoints/last.ckpt ] || tapt wwm
+transfer wwm-tapt runs/zh-study/wwm-tapt/checkpoints/last.ckpt
+[ -f runs/zh-study/char-tapt/checkpoints/last.ckpt ] || tapt char --data.whole_word_masking false
+RANDOM_RUNS=(--random-from $OUT/wwm-tapt/results.json)
+transfer char-tapt runs/zh-study/char-tapt/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+transfer wwm runs/zh-study/wwm/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+transfer char runs/zh-study/char/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
