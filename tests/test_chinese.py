@@ -335,6 +335,9 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
                             (2, False, 0.90))]
     (tmp_path / "transfer" / "wwm-tapt").mkdir(parents=True)
     (tmp_path / "transfer" / "wwm-tapt" / "results.json").write_text(json.dumps({"runs": runs}))
+    mean = [dict(r, final_accuracy=r["final_accuracy"] + (0.03 if r["random_init"] else 0.0)) for r in runs]
+    (tmp_path / "transfer" / "char-tapt-mean").mkdir()
+    (tmp_path / "transfer" / "char-tapt-mean" / "results.json").write_text(json.dumps({"runs": mean}))
     chinese_report.main(["--study", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
     for arm in ("wwm", "char"):
@@ -342,4 +345,7 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
         assert rows[-1]["step"] == "7999" and f"{float(rows[-1]['val/mlm_accuracy']):.3f} |" in table
     assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 |" in table
     assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in table
+    # a study whose random runs differ (other fine-tuning settings) is compared with its own
+    assert "| random weights; mean pooling | 0.830 / 0.850 / 0.870 | 0.850 ± 0.020 | |" in table
+    assert "then the reviews' text; mean pooling | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +2.0 |" in table
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
