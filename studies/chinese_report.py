@@ -12,10 +12,12 @@ and STUDY/table.md. Reads and draws only: nothing is trained here.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 from pathlib import Path
+
+from bertpre.training.curves import read_series
+from studies.recipe_study import label_panels, save_figure
 
 ARMS = {"wwm": "whole words", "char": "characters"}
 # the fine-tuned encoders: the transfer folder, and what it started from
@@ -27,10 +29,11 @@ ENCODERS = {"wwm": "novels, whole words", "char": "novels, characters",
 
 def validation_curve(metrics: Path) -> list[dict]:
     """(step, accuracy, context gain, majority, sentence accuracy) at each validation of a run."""
-    rows = [r for r in csv.DictReader(metrics.open()) if r.get("val/mlm_accuracy")]
-    return [{"step": int(r["step"]) + 1, "accuracy": float(r["val/mlm_accuracy"]),
-             "gain": float(r["val/mlm_context_gain"]), "majority": float(r["val/mlm_majority_accuracy"]),
-             "nsp": float(r["val/nsp_accuracy"]) if r.get("val/nsp_accuracy") else None} for r in rows]
+    series = {name: dict(points) for name, points in read_series(metrics).items()}
+    accuracy = series["val/mlm_accuracy"]
+    return [{"step": step + 1, "accuracy": value, "gain": series["val/mlm_context_gain"][step],
+             "majority": series["val/mlm_majority_accuracy"][step], "nsp": series.get("val/nsp_accuracy", {}).get(step)}
+            for step, value in accuracy.items()]
 
 
 def accuracies(results: Path, random_init: bool) -> list[float]:
@@ -49,7 +52,8 @@ def table(study: Path, curves: dict[str, list[dict]]) -> str:
         at = {p["step"]: p for p in curve}
         marks = " / ".join(f"{at[s]['accuracy']:.3f}" if s in at else "-" for s in (2000, 4000, 6000, 8000))
         end = curve[-1]
-        lines.append(f"| {ARMS[arm]} | {marks} | {end['gain']:.3f} | {end['majority']:.3f} | {end['nsp']:.3f} |")
+        lines.append(f"| {ARMS[arm]} | {marks} | {end['gain']:.3f} | {end['majority']:.3f} | "
+                     f"{'-' if end['nsp'] is None else format(end['nsp'], '.3f')} |")
     rows, shared = [], None
     for name, encoder in ENCODERS.items():
         results = study / "transfer" / name / "results.json"
@@ -83,12 +87,8 @@ def plot(curves: dict[str, list[dict]], path: Path) -> None:
         gain.plot(steps, [p["gain"] for p in curve], marker=".", label=f"masking {ARMS[arm]}")
     first = next(iter(curves.values()))
     accuracy.axhline(first[-1]["majority"], color="grey", linestyle=":", label="most frequent token")
-    accuracy.set(title="validation MLM accuracy (characters masked at 15%)", xlabel="step", ylabel="accuracy")
-    gain.set(title="context gain (real minus random context)", xlabel="step", ylabel="gain")
-    accuracy.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    label_panels(accuracy, gain, "step", accuracy_title="validation MLM accuracy (characters masked at 15%)")
+    save_figure(fig, path)
 
 
 def main(argv: list[str] | None = None) -> None:

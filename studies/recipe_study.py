@@ -154,9 +154,20 @@ def plot(results: list[dict], path: Path) -> None:
         if results and results[0]["curve"]:
             accuracy.axhline(results[0]["curve"][-1]["majority"], color="grey", linestyle=":",
                              label="most frequent token")
-        accuracy.set(title="validation MLM accuracy", xlabel=label, ylabel="accuracy")
-        gain.set(title="context gain (real minus random context)", xlabel=label, ylabel="gain")
-        accuracy.legend()
+        label_panels(accuracy, gain, label)
+    save_figure(fig, path)
+
+
+def label_panels(accuracy, gain, xlabel: str, accuracy_title: str = "validation MLM accuracy") -> None:
+    """The titles, axis labels and legend of an accuracy panel and a context-gain panel."""
+    accuracy.set(title=accuracy_title, xlabel=xlabel, ylabel="accuracy")
+    gain.set(title="context gain (real minus random context)", xlabel=xlabel, ylabel="gain")
+    accuracy.legend()
+
+
+def save_figure(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
