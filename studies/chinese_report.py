@@ -24,6 +24,7 @@ ARMS = {"wwm": "whole words", "char": "characters"}
 ENCODERS = {"wwm": "novels, whole words", "char": "novels, characters",
             "wwm-tapt": "novels, whole words, then the reviews' text",
             "char-tapt": "novels, characters, then the reviews' text",
+            "char-tapt128": "novels, characters, then the reviews' text at pairs of 128",
             "char-tapt-mean": "novels, characters, then the reviews' text; mean pooling"}
 
 

@@ -2,7 +2,7 @@
 # ChnSentiCorp transfer for the Chinese study (README.md here): continued pretraining of each arm on
 # ChnSentiCorp's training text (labels dropped), then fine-tuning 2,000-review subsets (3 seeds) from
 # each encoder and from random weights. Run from the repository root, alone on the machine, after
-# both pretraining arms (runs/zh-study/wwm and runs/zh-study/char). About 50 minutes on a 2-core VM.
+# both pretraining arms (runs/zh-study/wwm and runs/zh-study/char). About 75 minutes on a 2-core VM.
 set -euo pipefail
 TASK=../shared/data/tasks/chnsenticorp
 OUT=studies/chinese-wwm/transfer
@@ -12,20 +12,28 @@ if [ ! -d out/chnsenti-64 ]; then
     bertpre prepare --input out/chnsenti-text --output out/chnsenti-64 --tokenizer out/novels-64 \
         --max-seq-length 64 --format lines --word-segmenter rjieba
 fi
-tapt() {  # arm, extra options: 1,400 steps of 64 x 64 on the reviews' text from the arm's last checkpoint
+if [ ! -d out/chnsenti-128 ]; then  # the same text at pairs of 128, what fine-tuning reads
+    bertpre prepare --input out/chnsenti-text --output out/chnsenti-128 --tokenizer out/novels-64 \
+        --max-seq-length 128 --format lines --word-segmenter rjieba
+fi
+tapt() {  # run, arm, extra options: 1,400 steps (64 x 64 unless told) on the reviews' text from the arm's last checkpoint
     bertpre train --config configs/bert-mini-zh-cpu.yaml --data.path out/chnsenti-64 \
-        --model.init_from runs/zh-study/$1/checkpoints/last.ckpt --model.schedule_by steps \
+        --model.init_from runs/zh-study/$2/checkpoints/last.ckpt --model.schedule_by steps \
         --trainer.max_steps 1400 --trainer.max_time null --trainer.val_check_interval 200 \
-        --trainer.default_root_dir runs/zh-study/$1-tapt "${@:2}" > runs/zh-study/$1-tapt.log 2>&1
+        --trainer.default_root_dir runs/zh-study/$1 "${@:3}" > runs/zh-study/$1.log 2>&1
 }
 transfer() {  # name, checkpoint, extra options
     python -m studies.transfer_study "$2" --output $OUT/$1 --train $TASK/train.tsv --dev $TASK/dev.tsv \
         --examples 2000 --learning-rates 3e-4 --runs runs/zh-transfer/$1 "${@:3}"
 }
-[ -f runs/zh-study/wwm-tapt/checkpoints/last.ckpt ] || tapt wwm
+[ -f runs/zh-study/wwm-tapt/checkpoints/last.ckpt ] || tapt wwm-tapt wwm
 transfer wwm-tapt runs/zh-study/wwm-tapt/checkpoints/last.ckpt
-[ -f runs/zh-study/char-tapt/checkpoints/last.ckpt ] || tapt char --data.whole_word_masking false
+[ -f runs/zh-study/char-tapt/checkpoints/last.ckpt ] || tapt char-tapt char --data.whole_word_masking false
 RANDOM_RUNS=(--random-from $OUT/wwm-tapt/results.json)
 transfer char-tapt runs/zh-study/char-tapt/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
 transfer wwm runs/zh-study/wwm/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
 transfer char runs/zh-study/char/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+# the character arm's continued pretraining at pairs of 128 (batch 32: the same tokens per step)
+[ -f runs/zh-study/char-tapt128/checkpoints/last.ckpt ] || tapt char-tapt128 char --data.whole_word_masking false \
+    --data.path out/chnsenti-128 --data.batch_size 32
+transfer char-tapt128 runs/zh-study/char-tapt128/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
