@@ -20,12 +20,11 @@ from bertpre.training.curves import read_series
 from studies.recipe_study import label_panels, save_figure
 
 ARMS = {"wwm": "whole words", "char": "characters"}
-# the fine-tuned encoders: the transfer folder, and what it started from
+# the encoders fine-tuned: the run folder under runs/zh-study a checkpoint came from, and what it is
 ENCODERS = {"wwm": "novels, whole words", "char": "novels, characters",
             "wwm-tapt": "novels, whole words, then the reviews' text",
             "char-tapt": "novels, characters, then the reviews' text",
-            "char-tapt128": "novels, characters, then the reviews' text at pairs of 128",
-            "char-tapt-mean": "novels, characters, then the reviews' text; mean pooling"}
+            "char-tapt128": "novels, characters, then the reviews' text at pairs of 128"}
 
 
 def validation_curve(metrics: Path) -> list[dict]:
@@ -46,6 +45,32 @@ def mean_sd(values: list[float]) -> str:
     return f"{statistics.mean(values):.3f} ± {statistics.stdev(values):.3f}" if len(values) > 1 else f"{values[0]:.3f}"
 
 
+def encoder_of(checkpoint: str) -> str:
+    """What a checkpoint path (runs/zh-study/NAME/checkpoints/...) was pretrained on."""
+    name = Path(checkpoint).parts[-3]
+    return ENCODERS.get(name, name)
+
+
+def transfer_groups(study: Path) -> dict[tuple, list[dict]]:
+    """The transfer studies under STUDY/transfer, grouped by fine-tuning settings (labelled reviews,
+    epochs, pooling): each group compares to its own random-weight runs. Largest subsets first."""
+    groups: dict[tuple, list[dict]] = {}
+    for results in sorted((study / "transfer").glob("*/results.json")):
+        options = json.loads(results.read_text())["options"]
+        key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"))
+        groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
+                                           "random": accuracies(results, True),
+                                           "pretrained": accuracies(results, False)})
+    order = [name for name in ENCODERS.values()]
+    for studies in groups.values():
+        studies.sort(key=lambda s: order.index(s["encoder"]) if s["encoder"] in order else len(order))
+    return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])))
+
+
+def seeds(values: list[float]) -> str:
+    return " / ".join(f"{a:.3f}" for a in values)
+
+
 def table(study: Path, curves: dict[str, list[dict]]) -> str:
     lines = ["| masking | val MLM accuracy at 2k / 4k / 6k / 8k steps | context gain at the end | majority | "
              "NSP accuracy |", "|---|---|---|---|---|"]
@@ -55,23 +80,17 @@ def table(study: Path, curves: dict[str, list[dict]]) -> str:
         end = curve[-1]
         lines.append(f"| {ARMS[arm]} | {marks} | {end['gain']:.3f} | {end['majority']:.3f} | "
                      f"{'-' if end['nsp'] is None else format(end['nsp'], '.3f')} |")
-    rows, shared = [], None
-    for name, encoder in ENCODERS.items():
-        results = study / "transfer" / name / "results.json"
-        if not results.is_file():
-            continue
-        own = accuracies(results, True)  # random weights at this study's settings, or borrowed ones
-        shared = shared or own
-        if own != shared:
-            rows.append(f"| random weights; {encoder.split('; ', 1)[-1]} | {' / '.join(f'{a:.3f}' for a in own)} | "
-                        f"{mean_sd(own)} | |")
-        got = accuracies(results, False)
-        rows.append(f"| {encoder} | {' / '.join(f'{a:.3f}' for a in got)} | {mean_sd(got)} | "
-                    f"{100 * (statistics.mean(got) - statistics.mean(own)):+.1f} |")
-    if shared:
-        lines += ["", "| ChnSentiCorp dev, fine-tuned from | seeds 0 / 1 / 2 | mean ± sd | against random weights "
-                  "(same settings) |", "|---|---|---|---|", f"| random weights | {' / '.join(f'{a:.3f}' for a in shared)} | "
-                  f"{mean_sd(shared)} | |", *rows]
+    for (examples, epochs, pooling), studies in transfer_groups(study).items():
+        pooled = "" if pooling == "cls" else f", {pooling} pooling"
+        lines += ["", f"| ChnSentiCorp dev, fine-tuned on {examples:,} reviews for {epochs} epochs{pooled}, from | "
+                  "seeds 0 / 1 / 2 | mean ± sd | against random weights (same settings) |", "|---|---|---|---|"]
+        shared = studies[0]["random"]
+        lines.append(f"| random weights | {seeds(shared)} | {mean_sd(shared)} | |")
+        for s in studies:
+            if s["random"] != shared:  # a study that ran its own random-weight runs, and they differ
+                lines.append(f"| random weights (beside the next row) | {seeds(s['random'])} | {mean_sd(s['random'])} | |")
+            lines.append(f"| {s['encoder']} | {seeds(s['pretrained'])} | {mean_sd(s['pretrained'])} | "
+                         f"{100 * (statistics.mean(s['pretrained']) - statistics.mean(s['random'])):+.1f} |")
     return "\n".join(lines) + "\n"
 
 

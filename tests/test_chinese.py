@@ -318,8 +318,9 @@ def test_a_resumed_run_masks_the_same_whole_words(novel_prepared, tmp_path):
 
 
 def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
-    """studies/chinese_report on the committed arm metrics and a transfer results.json: the table's 8k
-    accuracies are the CSVs' last validations, the transfer row its seeds' mean against random weights."""
+    """studies/chinese_report on the committed arm metrics and transfer results.json files: the table's 8k
+    accuracies are the CSVs' last validations; each transfer row is its seeds' mean against the random
+    weights fine-tuned with the same settings (reviews, epochs, pooling), one table per setting."""
     import csv
     import shutil
 
@@ -333,19 +334,32 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
     runs = [{"seed": s, "random_init": r, "final_accuracy": a}
             for s, r, a in ((0, True, 0.80), (1, True, 0.82), (2, True, 0.84), (0, False, 0.85), (1, False, 0.86),
                             (2, False, 0.90))]
-    (tmp_path / "transfer" / "wwm-tapt").mkdir(parents=True)
-    (tmp_path / "transfer" / "wwm-tapt" / "results.json").write_text(json.dumps({"runs": runs}))
-    mean = [dict(r, final_accuracy=r["final_accuracy"] + (0.03 if r["random_init"] else 0.0)) for r in runs]
-    (tmp_path / "transfer" / "char-tapt-mean").mkdir()
-    (tmp_path / "transfer" / "char-tapt-mean" / "results.json").write_text(json.dumps({"runs": mean}))
+
+    def study_of(folder, arm, runs, examples=2000, pooling="cls"):
+        (tmp_path / "transfer" / folder).mkdir(parents=True)
+        options = {"checkpoint": f"runs/zh-study/{arm}/checkpoints/last.ckpt", "examples": str(examples),
+                   "epochs": "5", "pooling": pooling}
+        (tmp_path / "transfer" / folder / "results.json").write_text(json.dumps({"options": options, "runs": runs}))
+
+    study_of("wwm-tapt", "wwm-tapt", runs)
+    study_of("char-tapt-mean", "char-tapt", [dict(r, final_accuracy=r["final_accuracy"] + (0.03 if r["random_init"]
+                                                                                          else 0.0)) for r in runs],
+             pooling="mean")
+    study_of("char-500", "char", [dict(r, final_accuracy=r["final_accuracy"] - 0.1) for r in runs], examples=500)
     chinese_report.main(["--study", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
     for arm in ("wwm", "char"):
         rows = [r for r in csv.DictReader((tmp_path / f"{arm}-metrics.csv").open()) if r.get("val/mlm_accuracy")]
         assert rows[-1]["step"] == "7999" and f"{float(rows[-1]['val/mlm_accuracy']):.3f} |" in table
-    assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 |" in table
-    assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in table
-    # a study whose random runs differ (other fine-tuning settings) is compared with its own
-    assert "| random weights; mean pooling | 0.830 / 0.850 / 0.870 | 0.850 ± 0.020 | |" in table
-    assert "then the reviews' text; mean pooling | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +2.0 |" in table
+    tables = table.split("\n\n")[1:]
+    assert [t.splitlines()[0].split(", from |")[0] for t in tables] == [
+        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs",
+        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs, mean pooling",
+        "| ChnSentiCorp dev, fine-tuned on 500 reviews for 5 epochs"]
+    assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 | |" in tables[0]
+    assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in tables[0]
+    assert "| random weights | 0.830 / 0.850 / 0.870 | 0.850 ± 0.020 | |" in tables[1]
+    assert "| novels, characters, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +2.0 |" in tables[1]
+    assert "| random weights | 0.700 / 0.720 / 0.740 | 0.720 ± 0.020 | |" in tables[2]
+    assert "| novels, characters | 0.750 / 0.760 / 0.800 | 0.770 ± 0.026 | +5.0 |" in tables[2]
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

@@ -37,3 +37,7 @@ transfer char runs/zh-study/char/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
 [ -f runs/zh-study/char-tapt128/checkpoints/last.ckpt ] || tapt char-tapt128 char --data.whole_word_masking false \
     --data.path out/chnsenti-128 --data.batch_size 32
 transfer char-tapt128 runs/zh-study/char-tapt128/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+# fewer labelled reviews, from the best encoder (random weights rerun at each size); the novels alone at 500
+transfer char-tapt-1000 runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 1000
+transfer char-tapt-500 runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 500
+transfer char-500 runs/zh-study/char/checkpoints/last.ckpt --examples 500 --random-from $OUT/char-tapt-500/results.json
