@@ -41,3 +41,5 @@ transfer char-tapt128 runs/zh-study/char-tapt128/checkpoints/last.ckpt "${RANDOM
 transfer char-tapt-1000 runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 1000
 transfer char-tapt-500 runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 500
 transfer char-500 runs/zh-study/char/checkpoints/last.ckpt --examples 500 --random-from $OUT/char-tapt-500/results.json
+# the same 500 reviews for 20 epochs (300 optimizer steps), so random weights have steps to leave the majority label
+transfer char-tapt-500-20ep runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 500 --epochs 20
