@@ -36,8 +36,8 @@ def validation_curve(metrics: Path) -> list[dict]:
             for step, value in accuracy.items()]
 
 
-def accuracies(results: Path, random_init: bool) -> list[float]:
-    runs = json.loads(results.read_text())["runs"]
+def accuracies(runs: list[dict], random_init: bool) -> list[float]:
+    """Final dev accuracies of a transfer study's runs (its results.json "runs"), by seed."""
     return [r["final_accuracy"] for r in sorted(runs, key=lambda r: r["seed"]) if r["random_init"] is random_init]
 
 
@@ -56,12 +56,13 @@ def transfer_groups(study: Path) -> dict[tuple, list[dict]]:
     epochs, pooling): each group compares to its own random-weight runs. Largest subsets first."""
     groups: dict[tuple, list[dict]] = {}
     for results in sorted((study / "transfer").glob("*/results.json")):
-        options = json.loads(results.read_text())["options"]
+        study_results = json.loads(results.read_text())
+        options, runs = study_results["options"], study_results["runs"]
         key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"))
         groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
-                                           "random": accuracies(results, True),
-                                           "pretrained": accuracies(results, False)})
-    order = [name for name in ENCODERS.values()]
+                                           "random": accuracies(runs, True),
+                                           "pretrained": accuracies(runs, False)})
+    order = list(ENCODERS.values())
     for studies in groups.values():
         studies.sort(key=lambda s: order.index(s["encoder"]) if s["encoder"] in order else len(order))
     return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])))
