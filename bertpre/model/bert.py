@@ -168,7 +168,10 @@ class EncoderLayer(nn.Module):
 
     def _attention(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
         B, T, H = x.shape
-        q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))
+        # one product for q, k and v (the three weights side by side), kept as three HF-named modules
+        w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
+        b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3H,)
+        q, k, v = (self._heads(t) for t in F.linear(x, w, b).split(H, dim=-1))  # each (B, N, T, D)
         dropout = self.attention_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # (B, N, T, D)
         return self.attention_out(a.transpose(1, 2).reshape(B, T, H))  # (B, T, H)

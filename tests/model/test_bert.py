@@ -123,6 +123,29 @@ def test_same_logits_as_transformers(train_mode):
     assert (nsp - out.seq_relationship_logits).abs().max() <= 1e-5
 
 
+def test_one_qkv_product_gives_each_projection_transformers_gradient():
+    # the model projects q, k and v in one product of the three weights side by side; the three
+    # HF-named modules must still get the gradients three separate products give
+    config = replace(CONFIG, hidden_dropout=0.0, attention_dropout=0.0)
+    torch.manual_seed(0)
+    ours = BertForPretraining(config)
+    theirs = to_transformers(ours, pad_token_id=0)
+    input_ids, token_type_ids, attention_mask = random_batch()
+    valid = attention_mask.bool()
+    mlm, _ = ours(input_ids, token_type_ids, attention_mask)
+    mlm[valid].square().mean().backward()
+    out = theirs(input_ids=input_ids, token_type_ids=token_type_ids, attention_mask=attention_mask)
+    out.prediction_logits[valid].square().mean().backward()
+    hf = dict(theirs.named_parameters())
+    for i in range(config.num_layers):
+        for name in ("query", "key", "value"):
+            for kind in ("weight", "bias"):
+                mine = getattr(getattr(ours.layers[i], name), kind).grad
+                expected = hf[f"bert.encoder.layer.{i}.attention.self.{name}.{kind}"].grad
+                assert mine is not None and mine.abs().sum() > 0, (i, name, kind)
+                assert torch.allclose(mine, expected, rtol=1e-4, atol=1e-6), (i, name, kind)
+
+
 def test_hf_names_round_trip():
     state = BertForPretraining(CONFIG).state_dict()
     back = from_hf_state_dict(to_hf_state_dict(state))

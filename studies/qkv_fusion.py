@@ -1,0 +1,93 @@
+"""Does one q/k/v product (the model's attention) beat three? Times bertpre's full training step
+(forward, loss, backward, clipping, AdamW, as ``bertpre bench`` runs it) with the model as it is
+against the same model whose layers project q, k and v with three separate products, alternating
+step by step in one process, and prints the median ms/step of each and the ratio.
+
+    python -m studies.qkv_fusion --presets bert-mini bert-small --precision bf16 --output DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import types
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from bertpre.model.bert import PRESETS, EncoderLayer
+from bertpre.perf.bench import BenchOptions, _build, _sync, machine_description
+
+
+def separate_attention(self: EncoderLayer, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """The baseline: the model's attention with q, k and v from three products."""
+    B, T, H = x.shape
+    q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # each (B, N, T, D)
+    dropout = self.attention_dropout if self.training else 0.0
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # (B, N, T, D)
+    return self.attention_out(a.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
+
+
+def with_separate_projections(model: torch.nn.Module) -> torch.nn.Module:
+    for layer in model.modules():
+        if isinstance(layer, EncoderLayer):
+            layer._attention = types.MethodType(separate_attention, layer)
+    return model
+
+
+def time_arms(options: BenchOptions) -> dict:
+    device = options.resolved_device()
+    fused_model, fused = _build("bertpre", options, device)
+    separate_model, separate = _build("bertpre", options, device)
+    with_separate_projections(separate_model)
+    # the same seed, weights and batch: only the q/k/v projections differ
+    steps = {"fused": fused, "separate": separate}
+    for step in steps.values():
+        for _ in range(options.warmup):
+            step()
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(options.steps):
+        for name, step in steps.items():  # alternate, so both see the same machine state
+            _sync(device)
+            start = time.perf_counter()
+            step()
+            _sync(device)
+            times[name].append(time.perf_counter() - start)
+    medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    return {"preset": options.preset, "ms_per_step": {k: round(v, 2) for k, v in medians.items()},
+            "separate_over_fused": round(medians["separate"] / medians["fused"], 3)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--presets", nargs="+", default=["bert-mini", "bert-small"], choices=sorted(PRESETS))
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--vocab-size", type=int, default=30522)
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--precision", choices=["32", "bf16"], default="32")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--output", type=Path, help="write results.json here")
+    a = p.parse_args(argv)
+    rows = []
+    for preset in a.presets:
+        options = BenchOptions(preset=preset, batch_size=a.batch_size, seq_length=a.seq_length,
+                               vocab_size=a.vocab_size, steps=a.steps, warmup=a.warmup,
+                               precision=a.precision, device=a.device)
+        row = time_arms(options)
+        rows.append(row)
+        print(f"{preset}: fused {row['ms_per_step']['fused']} ms/step, separate {row['ms_per_step']['separate']} "
+              f"ms/step, separate / fused {row['separate_over_fused']}", flush=True)
+    result = {"machine": machine_description(BenchOptions(device=a.device).resolved_device()),
+              "options": {k: v for k, v in vars(a).items() if k != "output"}, "rows": rows}
+    if a.output:
+        a.output.mkdir(parents=True, exist_ok=True)
+        (a.output / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+
+
+if __name__ == "__main__":
+    main()
