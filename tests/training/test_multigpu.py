@@ -218,6 +218,7 @@ main(sys.argv[1:])
 """
 
 
+@pytest.mark.slow  # a DDP training run over gloo in a subprocess: the slow run
 def test_ddp_keeps_gradients_as_views_into_its_buckets(sample_prepared, tmp_path):
     """`--trainer.strategy ddp` gets DDP with gradient_as_bucket_view (no copy of every gradient into
     the all-reduce buckets and back each step); one process over gloo trains with it (in a process of

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import ROOT
 
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
@@ -33,6 +34,7 @@ def test_a_step_based_run_shows_steps_and_nothing_of_lightnings_noise(sample_pre
     assert named and all(Path(word).exists() for word in named), named
 
 
+@pytest.mark.slow  # six seconds of real training in a subprocess: the slow run
 def test_a_time_budget_run_shows_its_clock_against_the_budget(sample_prepared, tmp_path):
     """A run bounded by trainer.max_time has no step total: the bar shows elapsed / budget instead."""
     done = subprocess.run(
