@@ -24,6 +24,7 @@ ARMS = {"wwm": "whole words", "char": "characters"}
 ENCODERS = {"wwm": "novels, whole words", "char": "novels, characters",
             "wwm-tapt": "novels, whole words, then the reviews' text",
             "char-tapt": "novels, characters, then the reviews' text",
+            "char-tapt5k": "novels, characters, then the reviews' text for 5,000 steps",
             "char-tapt128": "novels, characters, then the reviews' text at pairs of 128"}
 
 
@@ -53,19 +54,22 @@ def encoder_of(checkpoint: str) -> str:
 
 def transfer_groups(study: Path) -> dict[tuple, list[dict]]:
     """The transfer studies under STUDY/transfer, grouped by fine-tuning settings (labelled reviews,
-    epochs, pooling): each group compares to its own random-weight runs. Largest subsets first."""
+    epochs, pooling, learning rate): each group compares to its own random-weight runs. Largest
+    subsets first."""
     groups: dict[tuple, list[dict]] = {}
     for results in sorted((study / "transfer").glob("*/results.json")):
         study_results = json.loads(results.read_text())
-        options, runs = study_results["options"], study_results["runs"]
-        key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"))
-        groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
-                                           "random": accuracies(runs, True),
-                                           "pretrained": accuracies(runs, False)})
+        options = study_results["options"]
+        for rate in sorted({r["learning_rate"] for r in study_results["runs"]}, reverse=True):
+            runs = [r for r in study_results["runs"] if r["learning_rate"] == rate]
+            key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"), rate)
+            groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
+                                               "random": accuracies(runs, True),
+                                               "pretrained": accuracies(runs, False)})
     order = list(ENCODERS.values())
     for studies in groups.values():
         studies.sort(key=lambda s: order.index(s["encoder"]) if s["encoder"] in order else len(order))
-    return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2])))
+    return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])))
 
 
 def seeds(values: list[float]) -> str:
@@ -81,9 +85,10 @@ def table(study: Path, curves: dict[str, list[dict]]) -> str:
         end = curve[-1]
         lines.append(f"| {ARMS[arm]} | {marks} | {end['gain']:.3f} | {end['majority']:.3f} | "
                      f"{'-' if end['nsp'] is None else format(end['nsp'], '.3f')} |")
-    for (examples, epochs, pooling), studies in transfer_groups(study).items():
+    for (examples, epochs, pooling, rate), studies in transfer_groups(study).items():
         pooled = "" if pooling == "cls" else f", {pooling} pooling"
-        lines += ["", f"| ChnSentiCorp dev, fine-tuned on {examples:,} reviews for {epochs} epochs{pooled}, from | "
+        lines += ["", f"| ChnSentiCorp dev, fine-tuned on {examples:,} reviews for {epochs} epochs{pooled} at lr "
+                  f"{rate:g}, from | "
                   "seeds 0 / 1 / 2 | mean ± sd | against random weights (same settings) |", "|---|---|---|---|"]
         shared = studies[0]["random"]
         lines.append(f"| random weights | {seeds(shared)} | {mean_sd(shared)} | |")

@@ -320,7 +320,7 @@ def test_a_resumed_run_masks_the_same_whole_words(novel_prepared, tmp_path):
 def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
     """studies/chinese_report on the committed arm metrics and transfer results.json files: the table's 8k
     accuracies are the CSVs' last validations; each transfer row is its seeds' mean against the random
-    weights fine-tuned with the same settings (reviews, epochs, pooling), one table per setting."""
+    weights fine-tuned with the same settings (reviews, epochs, pooling, learning rate), one table per setting."""
     import csv
     import shutil
 
@@ -331,7 +331,7 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
     study = ROOT / "studies" / "chinese-wwm"
     for arm in ("wwm", "char"):
         shutil.copy(study / f"{arm}-metrics.csv", tmp_path / f"{arm}-metrics.csv")
-    runs = [{"seed": s, "random_init": r, "final_accuracy": a}
+    runs = [{"seed": s, "random_init": r, "final_accuracy": a, "learning_rate": 3e-4}
             for s, r, a in ((0, True, 0.80), (1, True, 0.82), (2, True, 0.84), (0, False, 0.85), (1, False, 0.86),
                             (2, False, 0.90))]
 
@@ -346,6 +346,8 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
                                                                                           else 0.0)) for r in runs],
              pooling="mean")
     study_of("char-500", "char", [dict(r, final_accuracy=r["final_accuracy"] - 0.1) for r in runs], examples=500)
+    study_of("char-tapt-lr1e-4", "char-tapt", [dict(r, learning_rate=1e-4, final_accuracy=r["final_accuracy"] - (
+        0.05 if r["random_init"] else 0.0)) for r in runs])
     chinese_report.main(["--study", str(tmp_path)])
     table = (tmp_path / "table.md").read_text()
     for arm in ("wwm", "char"):
@@ -353,13 +355,16 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
         assert rows[-1]["step"] == "7999" and f"{float(rows[-1]['val/mlm_accuracy']):.3f} |" in table
     tables = table.split("\n\n")[1:]
     assert [t.splitlines()[0].split(", from |")[0] for t in tables] == [
-        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs",
-        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs, mean pooling",
-        "| ChnSentiCorp dev, fine-tuned on 500 reviews for 5 epochs"]
+        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs at lr 0.0003",
+        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs at lr 0.0001",
+        "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs, mean pooling at lr 0.0003",
+        "| ChnSentiCorp dev, fine-tuned on 500 reviews for 5 epochs at lr 0.0003"]
     assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 | |" in tables[0]
     assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in tables[0]
-    assert "| random weights | 0.830 / 0.850 / 0.870 | 0.850 ± 0.020 | |" in tables[1]
-    assert "| novels, characters, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +2.0 |" in tables[1]
-    assert "| random weights | 0.700 / 0.720 / 0.740 | 0.720 ± 0.020 | |" in tables[2]
-    assert "| novels, characters | 0.750 / 0.760 / 0.800 | 0.770 ± 0.026 | +5.0 |" in tables[2]
+    assert "| random weights | 0.750 / 0.770 / 0.790 | 0.770 ± 0.020 | |" in tables[1]  # only the lr 1e-4 study's
+    assert "| novels, characters, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +10.0 |" in tables[1]
+    assert "| random weights | 0.830 / 0.850 / 0.870 | 0.850 ± 0.020 | |" in tables[2]
+    assert "| novels, characters, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +2.0 |" in tables[2]
+    assert "| random weights | 0.700 / 0.720 / 0.740 | 0.720 ± 0.020 | |" in tables[3]
+    assert "| novels, characters | 0.750 / 0.760 / 0.800 | 0.770 ± 0.026 | +5.0 |" in tables[3]
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")

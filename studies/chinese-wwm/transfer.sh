@@ -43,3 +43,11 @@ transfer char-tapt-500 runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 
 transfer char-500 runs/zh-study/char/checkpoints/last.ckpt --examples 500 --random-from $OUT/char-tapt-500/results.json
 # the same 500 reviews for 20 epochs (300 optimizer steps), so random weights have steps to leave the majority label
 transfer char-tapt-500-20ep runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 500 --epochs 20
+# the character arm's continued pretraining for 5,000 steps (19 passes over the reviews' text instead of 5.4)
+[ -f runs/zh-study/char-tapt5k/checkpoints/last.ckpt ] || tapt char-tapt5k char --data.whole_word_masking false \
+    --trainer.max_steps 5000 --trainer.val_check_interval 500
+transfer char-tapt5k runs/zh-study/char-tapt5k/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+transfer char-tapt5k-500-20ep runs/zh-study/char-tapt5k/checkpoints/last.ckpt --examples 500 --epochs 20 \
+    --random-from $OUT/char-tapt-500-20ep/results.json
+# fine-tuning at lr 1e-4 instead of 3e-4 (the later --learning-rates wins), the best encoder and random weights
+transfer char-tapt-lr1e-4 runs/zh-study/char-tapt/checkpoints/last.ckpt --learning-rates 1e-4
