@@ -16,25 +16,20 @@ import types
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from bertpre.model.bert import PRESETS, EncoderLayer
 from bertpre.perf.bench import BenchOptions, _build, _sync, machine_description
 
 
-def separate_attention(self: EncoderLayer, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-    """The baseline: the model's attention with q, k and v from three products."""
-    B, T, H = x.shape
-    q, k, v = self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # each (B, N, T, D)
-    dropout = self.attention_dropout if self.training else 0.0
-    a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # (B, N, T, D)
-    return self.attention_out(a.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
+def separate_projections(self: EncoderLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The baseline: q, k and v from three products."""
+    return self._heads(self.query(x)), self._heads(self.key(x)), self._heads(self.value(x))  # each (B, N, T, D)
 
 
 def with_separate_projections(model: torch.nn.Module) -> torch.nn.Module:
     for layer in model.modules():
         if isinstance(layer, EncoderLayer):
-            layer._attention = types.MethodType(separate_attention, layer)
+            layer._qkv = types.MethodType(separate_projections, layer)
     return model
 
 

@@ -100,3 +100,24 @@ def test_the_objective_study_trains_each_objective_on_one_tokenizer(tmp_path):
     vocabularies = {(work / "data" / f"{o}-64" / "vocab.txt").read_text() for o in ("nsp", "sop", "none")}
     assert len(vocabularies) == 1, "the three objectives must share one tokenizer"
     assert (out / "table.md").read_text().count("\n") == 5 and (out / "curves.png").is_file()
+
+
+def test_the_qkv_study_baseline_computes_what_the_model_computes():
+    """studies/qkv_fusion times the model against a copy whose layers project q, k and v with three
+    products: the two must give the same outputs, or the study times two different functions."""
+    import torch
+
+    from bertpre.model.bert import BertConfig, BertForPretraining
+    from studies.qkv_fusion import with_separate_projections
+
+    torch.manual_seed(0)
+    config = BertConfig.from_preset("bert-tiny", vocab_size=300, hidden_dropout=0.0, attention_dropout=0.0)
+    fused = BertForPretraining(config)
+    separate = with_separate_projections(BertForPretraining(config))
+    separate.load_state_dict(fused.state_dict())
+    ids = torch.randint(5, 300, (2, 16))
+    types_ = torch.zeros_like(ids)
+    mlm_a, nsp_a = fused(ids, types_)
+    mlm_b, nsp_b = separate(ids, types_)
+    assert torch.allclose(mlm_a, mlm_b, atol=1e-5) and torch.allclose(nsp_a, nsp_b, atol=1e-5)
+    assert all(layer._qkv.__func__.__name__ == "separate_projections" for layer in separate.layers)

@@ -166,12 +166,16 @@ class EncoderLayer(nn.Module):
         x = self.attention_norm(x + self.dropout(self._attention(x, key_mask)))  # BERT: norm(x + sublayer(x))
         return self.ffn_norm(x + self.dropout(self._ffn(x)))
 
-    def _attention(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
-        B, T, H = x.shape
-        # one product for q, k and v (the three weights side by side), kept as three HF-named modules
+    def _qkv(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """q, k and v from one product (the three weights side by side), kept as three HF-named modules."""
         w = torch.cat([self.query.weight, self.key.weight, self.value.weight])  # (3H, H)
         b = torch.cat([self.query.bias, self.key.bias, self.value.bias])  # (3H,)
-        q, k, v = (self._heads(t) for t in F.linear(x, w, b).split(H, dim=-1))  # each (B, N, T, D)
+        q, k, v = F.linear(x, w, b).split(x.shape[-1], dim=-1)  # each (B, T, H)
+        return self._heads(q), self._heads(k), self._heads(v)  # each (B, N, T, D)
+
+    def _attention(self, x: Tensor, key_mask: Tensor | None) -> Tensor:
+        B, T, H = x.shape
+        q, k, v = self._qkv(x)
         dropout = self.attention_dropout if self.training else 0.0
         a = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask, dropout_p=dropout)  # (B, N, T, D)
         return self.attention_out(a.transpose(1, 2).reshape(B, T, H))  # (B, T, H)
