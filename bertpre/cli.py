@@ -111,6 +111,9 @@ def prepare_parser():
     masking.add_argument("--static-masking", action="store_true",
                          help="store masks in the dataset, as Google's generator does")
     masking.add_argument("--whole-word-masking", action="store_true", help="with --static-masking")
+    masking.add_argument("--max-ngram", type=int, default=1, metavar="N",
+                         help="with --static-masking: mask spans of up to N consecutive words (tokens without "
+                              "--whole-word-masking), MacBERT's n-gram masking; 1: each alone")
     words = p.add_argument_group("word boundaries (Chinese whole-word masking)")
     words.add_argument("--word-segmenter", default=None,  # checked by WordOptions
                        help="segment Chinese text into words with this segmenter (rjieba: the zh extra, pip install -e '.[zh]') "
@@ -141,6 +144,7 @@ def run_prepare(argv: Sequence[str]) -> None:
         dupe_factor=args.dupe_factor,
         static_masking=args.static_masking,
         whole_word_masking=args.whole_word_masking,
+        max_ngram=args.max_ngram,
         overwrite=args.overwrite,
         num_proc=args.num_proc,
         shard_index=args.shard_index,

@@ -164,6 +164,42 @@ def test_whole_word_masking_masks_every_character_of_a_chosen_word(novel_prepare
     assert results[False][1] > results[False][0], "character masking should mostly split words"
 
 
+def test_ngram_whole_word_masking_masks_runs_of_whole_words(novel_prepared):
+    """MacBERT's n-gram masking over segmenter words: no word is masked in part, the rate holds, and
+    masked runs span several words far more often than with single words."""
+    prepared = PreparedData(novel_prepared)
+    train = prepared.load_dataset()["train"].with_format("numpy")
+    rows = [train[i] for i in range(len(train))]
+    specials = [prepared.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]")]
+    results = {}
+    for max_ngram in (1, 4):
+        collate = MaskingCollator(Masker.from_tokenizer(prepared.tokenizer, 10, 0.15, whole_word=True,
+                                                        max_ngram=max_ngram))
+        rng = np.random.default_rng(0)
+        partial = masked = total = runs = multi_word_runs = 0
+        for _ in range(30):
+            examples = [rows[i] for i in rng.choice(len(rows), 32, replace=False)]
+            labels = collate(examples)["labels"].numpy()
+            for row, example in enumerate(examples):
+                predicted = labels[row, : len(example["input_ids"])] != IGNORE_INDEX
+                masked += predicted.sum()
+                total += len(example["input_ids"])
+                continues = np.asarray(example["word_continues"], dtype=bool)
+                special = np.isin(example["input_ids"], specials)
+                continues[1:] &= ~special[:-1]  # a word never runs across [SEP]
+                word = np.cumsum(~continues | special)
+                for w in np.unique(word[predicted]):
+                    partial += not predicted[word == w].all()
+                edges = np.flatnonzero(np.diff(np.concatenate([[0], predicted.astype(np.int8), [0]])))
+                for start, end in zip(edges[::2], edges[1::2]):
+                    runs += 1
+                    multi_word_runs += len(np.unique(word[start:end])) > 1
+        results[max_ngram] = (partial, masked / total, multi_word_runs / runs)
+    assert results[1][0] == 0 and results[4][0] == 0, results
+    assert 0.13 <= results[4][1] <= 0.16, results  # the budget: 15%, a word may not fit the rest
+    assert results[4][2] > 2 * results[1][2] and results[4][2] > 0.4, results
+
+
 def test_static_whole_word_masks_are_whole_words_and_survive_combine(novel_prepared, tmp_path):
     copy = tmp_path / "copy.txt"
     copy.write_bytes(NOVEL.read_bytes())
@@ -197,6 +233,30 @@ def test_static_whole_word_masks_are_whole_words_and_survive_combine(novel_prepa
                            static_masking=True))
     with pytest.raises(UserError, match="word boundaries differs"):
         combine([str(shards[0]), str(plain)], tmp_path / "mixed")
+
+
+def test_static_ngram_masks_are_recorded_and_span_words(novel_prepared, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["prepare", "--input", str(NOVEL), "--output", str(tmp_path / "dynamic"), "--max-ngram", "3"])
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "--max-ngram" in err and "--static-masking" in err
+    assert not (tmp_path / "dynamic").exists()
+    out = tmp_path / "static"
+    main(["prepare", "--input", str(NOVEL), "--output", str(out), "--tokenizer", str(novel_prepared),
+          "--max-seq-length", "64", "--validation-fraction", "0", "--num-proc", "1", "--word-segmenter", "rjieba",
+          "--static-masking", "--whole-word-masking", "--max-ngram", "3"])
+    prepared = PreparedData(out)
+    assert prepared.record.options["max_ngram"] == 3
+    runs = multi_word = 0
+    for row in prepared.load_dataset()["train"]:
+        predicted = np.zeros(len(row["input_ids"]), dtype=np.int8)
+        predicted[row["masked_lm_positions"]] = 1
+        word = np.cumsum(~np.asarray(row["word_continues"], dtype=bool))
+        edges = np.flatnonzero(np.diff(np.concatenate([[0], predicted, [0]])))
+        for start, end in zip(edges[::2], edges[1::2]):
+            runs += 1
+            multi_word += len(np.unique(word[start:end])) > 1
+    assert runs > 100 and multi_word / runs > 0.3, (multi_word, runs)
 
 
 def test_a_user_dictionary_joins_a_domain_word_and_bad_lines_are_named(tmp_path):

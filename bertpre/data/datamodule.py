@@ -102,6 +102,8 @@ class PretrainDataModule(L.LightningDataModule):
         val_mlm_probability: float | None = MLM_PROBABILITY,
         pad_to_multiple_of: int | None = 8,
         val_whole_word_masking: bool | None = None,
+        max_ngram: int = 1,
+        val_max_ngram: int | None = 1,
     ) -> None:
         """
         Args:
@@ -119,6 +121,11 @@ class PretrainDataModule(L.LightningDataModule):
             pad_to_multiple_of: pad batches to a multiple of this length (None: to the longest)
             val_whole_word_masking: whole-word masking in validation (None: as in training); fix it to compare
                 the validation accuracy of runs that mask differently
+            max_ngram: n-gram masking (MacBERT): a chosen word (a token without whole-word masking) starts a
+                span of up to this many consecutive ones, length n drawn with weight max_ngram + 1 - n
+                (4: 40/30/20/10%); 1: each word or token alone, as BERT
+            val_max_ngram: n-gram masking in validation; the default keeps single units whatever the
+                training setting, so val/mlm_accuracy compares across recipes (None: as in training)
         """
         super().__init__()
         if batch_size < 1:
@@ -134,6 +141,8 @@ class PretrainDataModule(L.LightningDataModule):
         self.val_mlm_probability = mlm_probability if val_mlm_probability is None else val_mlm_probability
         self.pad_to_multiple_of = pad_to_multiple_of
         self.val_whole_word_masking = whole_word_masking if val_whole_word_masking is None else val_whole_word_masking
+        self.max_ngram = max_ngram
+        self.val_max_ngram = max_ngram if val_max_ngram is None else val_max_ngram
         self.prepared: PreparedData | None = None
         self.splits: Any = None
 
@@ -154,11 +163,11 @@ class PretrainDataModule(L.LightningDataModule):
         seq = prepared.max_seq_length
         self.masker = Masker.from_tokenizer(
             prepared.tokenizer, self.max_predictions or default_max_predictions(seq, self.mlm_probability),
-            self.mlm_probability, self.whole_word_masking,
+            self.mlm_probability, self.whole_word_masking, self.max_ngram,
         )
         self.val_masker = Masker.from_tokenizer(
             prepared.tokenizer, self.max_predictions or default_max_predictions(seq, self.val_mlm_probability),
-            self.val_mlm_probability, self.val_whole_word_masking,
+            self.val_mlm_probability, self.val_whole_word_masking, self.val_max_ngram,
         )
         if (self.whole_word_masking and prepared.record.word_segmenter is None and mostly_chinese(prepared.tokenizer)
                 and (self.trainer is None or self.trainer.is_global_zero)):

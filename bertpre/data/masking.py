@@ -5,7 +5,11 @@ Per sequence, ``min(max_predictions, max(1, round(len * mlm_probability)))`` pos
 [PAD]. Of those, 80% become [MASK], 10% a random non-special token, 10% stay as they
 are. With whole-word masking a word's tokens are chosen together: its ``##`` pieces, or, in data
 prepared with a word segmenter (a ``word_continues`` column, bertpre.data.words), the characters of
-a Chinese word; each token still gets its own 80/10/10 draw.
+a Chinese word; each token still gets its own 80/10/10 draw. With n-gram masking (MacBERT, Cui et al.
+2020), a chosen unit (a word with whole-word masking, a token without) brings up to ``max_ngram - 1``
+units after it into one masked span: span length n is drawn with weight ``max_ngram + 1 - n`` (40/30/20/10%
+for n = 1..4), and a span stops early at a gap ([SEP], an ineligible token), at a unit already
+chosen, or where it would pass the budget. The budget and the per-token 80/10/10 stay as they are.
 
 Batches use HuggingFace's keys, so one can be given to transformers' BertForPreTraining;
 they also carry Google's fixed prediction slots: ``mlm_positions`` (B, P) and ``mlm_labels``
@@ -33,6 +37,7 @@ if TYPE_CHECKING:  # torch is imported where batches are made, so that `bertpre 
 IGNORE_INDEX = -100
 MASK_FRACTION, RANDOM_FRACTION = 0.8, 0.1
 MLM_PROBABILITY = 0.15  # BERT's share of tokens predicted
+MAX_NGRAM = 8  # the longest n-gram span masking accepts (MacBERT uses 4)
 
 
 def default_max_predictions(max_seq_length: int, mlm_probability: float = MLM_PROBABILITY) -> int:
@@ -48,20 +53,24 @@ class Masker:
     max_predictions: int
     mlm_probability: float = MLM_PROBABILITY
     continuation: np.ndarray | None = None  # bool per id: True for "##" pieces; enables whole-word masking
+    max_ngram: int = 1  # longest span of consecutive units (words or tokens) masked together
 
     @classmethod
     def from_tokenizer(
-        cls, tokenizer: Tokenizer, max_predictions: int, mlm_probability: float = MLM_PROBABILITY, whole_word: bool = False
+        cls, tokenizer: Tokenizer, max_predictions: int, mlm_probability: float = MLM_PROBABILITY,
+        whole_word: bool = False, max_ngram: int = 1,
     ) -> Masker:
         if not 0.0 < mlm_probability < 1.0:
             raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if max_predictions < 1:
             raise UserError(f"max_predictions must be at least 1, got {max_predictions}")
+        if not 1 <= max_ngram <= MAX_NGRAM:
+            raise UserError(f"max_ngram must be between 1 and {MAX_NGRAM}, got {max_ngram}")
         special = special_ids(tokenizer)
         size = max(tokenizer.get_vocab().values()) + 1
         random_pool = np.setdiff1d(np.arange(size, dtype=np.int64), np.array(special.all))
         continuation = continuation_pieces(tokenizer) if whole_word else None
-        return cls(special, random_pool, max_predictions, mlm_probability, continuation)
+        return cls(special, random_pool, max_predictions, mlm_probability, continuation, max_ngram)
 
     def num_to_predict(self, length: int) -> int:
         return min(self.max_predictions, max(1, round(length * self.mlm_probability)))
@@ -70,29 +79,59 @@ class Masker:
                          word_continues: np.ndarray | None = None) -> np.ndarray:
         """Sorted positions to predict in one unpadded sequence. With whole-word masking, a token
         joins the word before it where ``word_continues`` (stored boundaries) says so, or, without
-        them, where it is a ``##`` piece."""
+        them, where it is a ``##`` piece. With ``max_ngram`` > 1, spans of consecutive units."""
         eligible = (ids != self.special.cls) & (ids != self.special.sep) & (ids != self.special.pad)
         candidates = np.flatnonzero(eligible)
         n = min(self.num_to_predict(len(ids)), len(candidates))
-        if self.continuation is None:
+        if self.continuation is None and self.max_ngram == 1:
             return np.sort(rng.choice(candidates, size=n, replace=False))
-        # Whole words: a piece joins the group before it when it is a "##" piece right after it.
-        continues = (self.continuation[ids] if word_continues is None else word_continues.astype(bool))[candidates]
-        continues[1:] &= np.diff(candidates) == 1
-        continues[0] = False
+        if self.continuation is None:  # n-grams of single tokens
+            continues = np.zeros(len(candidates), dtype=bool)
+        else:  # whole words: a piece joins the group before it when it is a "##" piece right after it
+            continues = (self.continuation[ids] if word_continues is None else word_continues.astype(bool))[candidates]
+            continues[1:] &= np.diff(candidates) == 1
+        if len(candidates):
+            continues[0] = False
         group_of = word_groups(continues)
         starts = np.flatnonzero(~continues)
         lengths = np.diff(np.append(starts, len(candidates)))
-        chosen: list[int] = []
+        if self.max_ngram == 1:
+            chosen: list[int] = []
+            total = 0
+            for group in rng.permutation(len(starts)):
+                if total >= n:
+                    break
+                if total + lengths[group] > n:
+                    continue
+                chosen.append(group)
+                total += lengths[group]
+            return candidates[np.isin(group_of, chosen)]
+        return candidates[self._ngram_groups(candidates, starts, lengths, n, rng)[group_of]]
+
+    def _ngram_groups(self, candidates: np.ndarray, starts: np.ndarray, lengths: np.ndarray, n: int,
+                      rng: np.random.Generator) -> np.ndarray:
+        """(groups,) bool: the units (groups of candidates) that n-gram spans cover, at most n tokens."""
+        groups = len(starts)
+        # follows[g]: group g + 1 starts right after group g ends (no [SEP] or other gap between them)
+        follows = np.append(np.diff(candidates)[starts[1:] - 1] == 1, False)
+        weights = np.arange(self.max_ngram, 0, -1, dtype=np.float64)
+        spans = rng.choice(np.arange(1, self.max_ngram + 1), size=groups, p=weights / weights.sum())
+        taken = np.zeros(groups, dtype=bool)
         total = 0
-        for group in rng.permutation(len(starts)):
+        for first, span in zip(rng.permutation(groups), spans):
             if total >= n:
                 break
-            if total + lengths[group] > n:
+            if taken[first] or total + lengths[first] > n:
                 continue
-            chosen.append(group)
-            total += lengths[group]
-        return candidates[np.isin(group_of, chosen)]
+            last = first
+            size = lengths[first]
+            while (last - first + 1 < span and follows[last] and not taken[last + 1]
+                   and total + size + lengths[last + 1] <= n):
+                last += 1
+                size += lengths[last]
+            taken[first:last + 1] = True
+            total += size
+        return taken
 
     def apply(self, input_ids: np.ndarray, rows: np.ndarray, cols: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Mask ``input_ids[rows, cols]`` in place (80/10/10); returns the original ids there."""

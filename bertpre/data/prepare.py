@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, input_size, read_documents
-from bertpre.data.masking import Masker, default_max_predictions
+from bertpre.data.masking import MAX_NGRAM, Masker, default_max_predictions
 from bertpre.data.pairs import Document, Instance, PairOptions, create_instances, encode_instance
 from bertpre.data.prepared import (
     SPLITS,
@@ -77,6 +77,7 @@ class PrepareOptions:
     dupe_factor: int = 1
     static_masking: bool = False
     whole_word_masking: bool = False
+    max_ngram: int = 1
     overwrite: bool = False
     num_proc: int = field(default_factory=lambda: len(os.sched_getaffinity(0)))
     shard_index: int = 0
@@ -103,6 +104,11 @@ class PrepareOptions:
         if self.whole_word_masking and not self.static_masking:
             raise UserError("--whole-word-masking at prepare time needs --static-masking "
                             "(with dynamic masking, set data.whole_word_masking in the training config)")
+        if self.max_ngram != 1 and not self.static_masking:
+            raise UserError("--max-ngram at prepare time needs --static-masking "
+                            "(with dynamic masking, set data.max_ngram in the training config)")
+        if not 1 <= self.max_ngram <= MAX_NGRAM:
+            raise UserError(f"--max-ngram must be between 1 and {MAX_NGRAM}, got {self.max_ngram}")
 
     def to_json(self) -> dict:
         record = asdict(self)
@@ -185,7 +191,7 @@ class BlockProcessor:
         assert tokenizer.get_vocab_size() < 1 << WORD_FLAG_BIT, "ids must leave WORD_FLAG_BIT free"
         self.masker = (
             Masker.from_tokenizer(tokenizer, default_max_predictions(options.pairs.max_seq_length),
-                                  whole_word=options.whole_word_masking)
+                                  whole_word=options.whole_word_masking, max_ngram=options.max_ngram)
             if options.static_masking
             else None
         )

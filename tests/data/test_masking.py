@@ -128,3 +128,67 @@ def test_validation_masks_at_berts_rate_whatever_the_training_rate(sample_prepar
     same = PretrainDataModule(str(sample_prepared), batch_size=8, mlm_probability=0.4, val_mlm_probability=None)
     same.setup("fit")
     assert same.val_masker.mlm_probability == 0.4
+
+
+def masked_runs(predicted: np.ndarray) -> np.ndarray:
+    """Lengths of the runs of consecutive predicted positions in one row."""
+    edges = np.diff(np.concatenate([[0], predicted.astype(np.int8), [0]]))
+    return np.flatnonzero(edges == -1) - np.flatnonzero(edges == 1)
+
+
+def test_ngram_span_lengths_follow_the_weights():
+    """Spans of n = 1..4 units are started with weights 4:3:2:1 (MacBERT's 40/30/20/10%). A long
+    sequence and a small budget keep spans apart, so each masked run is one span."""
+    masker = Masker(special=None, random_pool=np.arange(5), max_predictions=30, max_ngram=4)
+    candidates = np.arange(1, 3001)  # 3,000 one-token units, all adjacent
+    starts, lengths = np.arange(3000), np.ones(3000, dtype=np.int64)
+    rng = np.random.default_rng(0)
+    counts = np.zeros(5)
+    for _ in range(400):
+        taken = masker._ngram_groups(candidates, starts, lengths, 30, rng)
+        assert taken.sum() == 30, "the budget is filled exactly: the last span is cut to fit"
+        runs = masked_runs(taken)
+        counts += np.bincount(np.minimum(runs, 4), minlength=5)
+    shares = counts[1:] / counts[1:].sum()
+    # the span cut at the budget and the rare touching spans shift a little weight: 0.03 tolerance
+    assert np.allclose(shares, [0.4, 0.3, 0.2, 0.1], atol=0.03), shares
+
+
+def test_ngram_masking_on_real_text_keeps_the_rate_and_masks_longer_runs(gutenberg_prepared, real_examples):
+    tokenizer = load_tokenizer(gutenberg_prepared)
+    special = [tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]", "[PAD]")]
+    mask_id = tokenizer.token_to_id("[MASK]")
+    mean_run = {}
+    for max_ngram in (1, 3):
+        masker = Masker.from_tokenizer(tokenizer, default_max_predictions(128), max_ngram=max_ngram)
+        collate = MaskingCollator(masker)
+        runs, masked, predicted = [], 0, 0
+        for start in range(0, 2000, 50):
+            chunk = real_examples[start : start + 50]
+            batch = collate(chunk)
+            labels, ids = batch["labels"].numpy(), batch["input_ids"].numpy()
+            for row, example in enumerate(chunk):
+                chosen = labels[row, : len(example["input_ids"])] != IGNORE_INDEX
+                assert chosen.sum() == masker.num_to_predict(len(example["input_ids"])), "the budget, exactly"
+                assert not np.isin(example["input_ids"][chosen], special).any(), "[CLS]/[SEP] never predicted"
+                runs.extend(masked_runs(chosen))
+            predicted += (labels != IGNORE_INDEX).sum()
+            masked += (ids[labels != IGNORE_INDEX] == mask_id).sum()
+        assert abs(masked / predicted - 0.8) <= 0.02, "each token still gets its own 80/10/10 draw"
+        mean_run[max_ngram] = np.mean(runs)
+    # single tokens touch by chance (about 1.1); spans of 1-3 drawn 3:2:1 average 1.67 before touching
+    assert mean_run[1] < 1.25 and mean_run[3] > 1.55, mean_run
+
+
+def test_max_ngram_is_checked_and_validation_keeps_single_units(sample_prepared):
+    from bertpre.data.datamodule import PretrainDataModule
+    from bertpre.errors import UserError
+
+    with pytest.raises(UserError, match="max_ngram must be between 1 and 8, got 0"):
+        Masker.from_tokenizer(load_tokenizer(sample_prepared), 10, max_ngram=0)
+    data = PretrainDataModule(str(sample_prepared), batch_size=8, max_ngram=3)
+    data.setup("fit")
+    assert data.masker.max_ngram == 3 and data.val_masker.max_ngram == 1
+    same = PretrainDataModule(str(sample_prepared), batch_size=8, max_ngram=3, val_max_ngram=None)
+    same.setup("fit")
+    assert same.val_masker.max_ngram == 3
