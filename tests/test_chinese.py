@@ -135,28 +135,35 @@ def test_stored_boundaries_are_the_segmenters_words(novel_prepared):
     assert multi > 1000 and found / multi >= 0.99, (found, multi)
 
 
-def test_whole_word_masking_masks_every_character_of_a_chosen_word(novel_prepared):
-    prepared = PreparedData(novel_prepared)
+def masked_examples(prepared: PreparedData, masker: Masker, batches: int = 30):
+    """(example, predicted) for each sequence of ``batches`` batches of 32 training pairs drawn at
+    random (seed 0), masked afresh by ``masker``; predicted: (length,) bool."""
     train = prepared.load_dataset()["train"].with_format("numpy")
     rows = [train[i] for i in range(len(train))]
+    collate = MaskingCollator(masker)
+    rng = np.random.default_rng(0)
+    for _ in range(batches):
+        examples = [rows[i] for i in rng.choice(len(rows), 32, replace=False)]
+        labels = collate(examples)["labels"].numpy()
+        for row, example in enumerate(examples):
+            yield example, labels[row, : len(example["input_ids"])] != IGNORE_INDEX
+
+
+def test_whole_word_masking_masks_every_character_of_a_chosen_word(novel_prepared):
+    prepared = PreparedData(novel_prepared)
     tokens = {i: prepared.tokenizer.id_to_token(i) for i in range(prepared.vocab_size)}
     results = {}
     for whole_word in (True, False):
-        collate = MaskingCollator(Masker.from_tokenizer(prepared.tokenizer, 26, 0.4, whole_word=whole_word))
-        rng = np.random.default_rng(0)
         complete = partial = masked = total = 0
-        for _ in range(30):  # 30 batches of 32 sequences, fresh masks each
-            examples = [rows[i] for i in rng.choice(len(rows), 32, replace=False)]
-            labels = collate(examples)["labels"].numpy()
-            for row, example in enumerate(examples):
-                predicted = labels[row, : len(example["input_ids"])] != IGNORE_INDEX
-                masked += predicted.sum()
-                total += len(example["input_ids"])
-                names = [tokens[int(i)] for i in example["input_ids"]]
-                for group in chinese_groups(names, example["word_continues"]):
-                    if len(group) > 1 and predicted[group].any():
-                        complete += predicted[group].all()
-                        partial += not predicted[group].all()
+        masker = Masker.from_tokenizer(prepared.tokenizer, 26, 0.4, whole_word=whole_word)
+        for example, predicted in masked_examples(prepared, masker):
+            masked += predicted.sum()
+            total += len(example["input_ids"])
+            names = [tokens[int(i)] for i in example["input_ids"]]
+            for group in chinese_groups(names, example["word_continues"]):
+                if len(group) > 1 and predicted[group].any():
+                    complete += predicted[group].all()
+                    partial += not predicted[group].all()
         results[whole_word] = (complete, partial, masked / total)
     complete, partial, rate = results[True]
     assert complete > 2000 and partial == 0, results
@@ -168,32 +175,24 @@ def test_ngram_whole_word_masking_masks_runs_of_whole_words(novel_prepared):
     """MacBERT's n-gram masking over segmenter words: no word is masked in part, the rate holds, and
     masked runs span several words far more often than with single words."""
     prepared = PreparedData(novel_prepared)
-    train = prepared.load_dataset()["train"].with_format("numpy")
-    rows = [train[i] for i in range(len(train))]
     specials = [prepared.tokenizer.token_to_id(t) for t in ("[CLS]", "[SEP]")]
     results = {}
     for max_ngram in (1, 4):
-        collate = MaskingCollator(Masker.from_tokenizer(prepared.tokenizer, 10, 0.15, whole_word=True,
-                                                        max_ngram=max_ngram))
-        rng = np.random.default_rng(0)
         partial = masked = total = runs = multi_word_runs = 0
-        for _ in range(30):
-            examples = [rows[i] for i in rng.choice(len(rows), 32, replace=False)]
-            labels = collate(examples)["labels"].numpy()
-            for row, example in enumerate(examples):
-                predicted = labels[row, : len(example["input_ids"])] != IGNORE_INDEX
-                masked += predicted.sum()
-                total += len(example["input_ids"])
-                continues = np.asarray(example["word_continues"], dtype=bool)
-                special = np.isin(example["input_ids"], specials)
-                continues[1:] &= ~special[:-1]  # a word never runs across [SEP]
-                word = np.cumsum(~continues | special)
-                for w in np.unique(word[predicted]):
-                    partial += not predicted[word == w].all()
-                edges = np.flatnonzero(np.diff(np.concatenate([[0], predicted.astype(np.int8), [0]])))
-                for start, end in zip(edges[::2], edges[1::2]):
-                    runs += 1
-                    multi_word_runs += len(np.unique(word[start:end])) > 1
+        masker = Masker.from_tokenizer(prepared.tokenizer, 10, 0.15, whole_word=True, max_ngram=max_ngram)
+        for example, predicted in masked_examples(prepared, masker):
+            masked += predicted.sum()
+            total += len(example["input_ids"])
+            continues = np.asarray(example["word_continues"], dtype=bool)
+            special = np.isin(example["input_ids"], specials)
+            continues[1:] &= ~special[:-1]  # a word never runs across [SEP]
+            word = np.cumsum(~continues | special)
+            for w in np.unique(word[predicted]):
+                partial += not predicted[word == w].all()
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], predicted.astype(np.int8), [0]])))
+            for start, end in zip(edges[::2], edges[1::2]):
+                runs += 1
+                multi_word_runs += len(np.unique(word[start:end])) > 1
         results[max_ngram] = (partial, masked / total, multi_word_runs / runs)
     assert results[1][0] == 0 and results[4][0] == 0, results
     assert 0.13 <= results[4][1] <= 0.16, results  # the budget: 15%, a word may not fit the rest

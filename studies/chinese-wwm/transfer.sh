@@ -51,3 +51,11 @@ transfer char-tapt5k-500-20ep runs/zh-study/char-tapt5k/checkpoints/last.ckpt --
     --random-from $OUT/char-tapt-500-20ep/results.json
 # fine-tuning at lr 1e-4 instead of 3e-4 (the later --learning-rates wins), the best encoder and random weights
 transfer char-tapt-lr1e-4 runs/zh-study/char-tapt/checkpoints/last.ckpt --learning-rates 1e-4
+# MacBERT's n-gram masking (whole words in spans of up to 4, data.max_ngram 4): its own novels arm (the
+# README's pretraining command with --data.max_ngram 4, runs/zh-study/ngram), continued pretraining on the
+# reviews' text masked the same way, then 2,000 reviews, 500 reviews in 20 epochs, and the novels alone
+[ -f runs/zh-study/ngram-tapt/checkpoints/last.ckpt ] || tapt ngram-tapt ngram --data.max_ngram 4
+transfer ngram-tapt runs/zh-study/ngram-tapt/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+transfer ngram-tapt-500-20ep runs/zh-study/ngram-tapt/checkpoints/last.ckpt --examples 500 --epochs 20 \
+    --random-from $OUT/char-tapt-500-20ep/results.json
+transfer ngram runs/zh-study/ngram/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
