@@ -46,6 +46,11 @@ def default_max_predictions(max_seq_length: int, mlm_probability: float = MLM_PR
     return max(1, round(20 * max_seq_length / 128 * mlm_probability / MLM_PROBABILITY))
 
 
+def check_max_ngram(value: int, name: str = "max_ngram") -> None:
+    if not 1 <= value <= MAX_NGRAM:
+        raise UserError(f"{name} must be between 1 and {MAX_NGRAM}, got {value}")
+
+
 @dataclass(frozen=True)
 class Masker:
     special: SpecialIds
@@ -64,8 +69,7 @@ class Masker:
             raise UserError(f"mlm_probability must be in (0, 1), got {mlm_probability}")
         if max_predictions < 1:
             raise UserError(f"max_predictions must be at least 1, got {max_predictions}")
-        if not 1 <= max_ngram <= MAX_NGRAM:
-            raise UserError(f"max_ngram must be between 1 and {MAX_NGRAM}, got {max_ngram}")
+        check_max_ngram(max_ngram)
         special = special_ids(tokenizer)
         size = max(tokenizer.get_vocab().values()) + 1
         random_pool = np.setdiff1d(np.arange(size, dtype=np.int64), np.array(special.all))

@@ -32,7 +32,7 @@ from tokenizers import Tokenizer
 from tqdm import tqdm
 
 from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, input_size, read_documents
-from bertpre.data.masking import MAX_NGRAM, Masker, default_max_predictions
+from bertpre.data.masking import Masker, check_max_ngram, default_max_predictions
 from bertpre.data.pairs import Document, Instance, PairOptions, create_instances, encode_instance
 from bertpre.data.prepared import (
     SPLITS,
@@ -101,14 +101,11 @@ class PrepareOptions:
             check_vocab_size(self.vocab_size)
         if self.dupe_factor < 1:
             raise UserError(f"--dupe-factor must be at least 1, got {self.dupe_factor}")
-        if self.whole_word_masking and not self.static_masking:
-            raise UserError("--whole-word-masking at prepare time needs --static-masking "
-                            "(with dynamic masking, set data.whole_word_masking in the training config)")
-        if self.max_ngram != 1 and not self.static_masking:
-            raise UserError("--max-ngram at prepare time needs --static-masking "
-                            "(with dynamic masking, set data.max_ngram in the training config)")
-        if not 1 <= self.max_ngram <= MAX_NGRAM:
-            raise UserError(f"--max-ngram must be between 1 and {MAX_NGRAM}, got {self.max_ngram}")
+        for flag, used in (("--whole-word-masking", self.whole_word_masking), ("--max-ngram", self.max_ngram != 1)):
+            if used and not self.static_masking:
+                raise UserError(f"{flag} at prepare time needs --static-masking (with dynamic masking, set "
+                                f"data.{flag[2:].replace('-', '_')} in the training config)")
+        check_max_ngram(self.max_ngram, "--max-ngram")
 
     def to_json(self) -> dict:
         record = asdict(self)
