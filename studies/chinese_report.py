@@ -19,13 +19,15 @@ from pathlib import Path
 from bertpre.training.curves import read_series
 from studies.recipe_study import label_panels, save_figure
 
-ARMS = {"wwm": "whole words", "char": "characters"}
+ARMS = {"wwm": "whole words", "char": "characters", "ngram": "whole words in n-grams of up to 4"}
 # the encoders fine-tuned: the run folder under runs/zh-study a checkpoint came from, and what it is
 ENCODERS = {"wwm": "novels, whole words", "char": "novels, characters",
             "wwm-tapt": "novels, whole words, then the reviews' text",
             "char-tapt": "novels, characters, then the reviews' text",
             "char-tapt5k": "novels, characters, then the reviews' text for 5,000 steps",
-            "char-tapt128": "novels, characters, then the reviews' text at pairs of 128"}
+            "char-tapt128": "novels, characters, then the reviews' text at pairs of 128",
+            "ngram": "novels, n-grams of whole words",
+            "ngram-tapt": "novels, n-grams of whole words, then the reviews' text"}
 
 
 def validation_curve(metrics: Path) -> list[dict]:
