@@ -65,12 +65,15 @@ def transfer_groups(study: Path) -> dict[tuple, list[dict]]:
         for rate in sorted({r["learning_rate"] for r in study_results["runs"]}, reverse=True):
             runs = [r for r in study_results["runs"] if r["learning_rate"] == rate]
             key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"), rate)
-            groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
+            encoder = encoder_of(options["checkpoint"]) + (
+                ", pooler re-initialised" if options.get("reinit_pooler") == "True" else "")
+            groups.setdefault(key, []).append({"encoder": encoder,
                                                "random": accuracies(runs, True),
                                                "pretrained": accuracies(runs, False)})
     order = list(ENCODERS.values())
     for studies in groups.values():
-        studies.sort(key=lambda s: order.index(s["encoder"]) if s["encoder"] in order else len(order))
+        studies.sort(key=lambda s: order.index(s["encoder"].split(", pooler")[0]) if s["encoder"].split(", pooler")[0] in order
+                     else len(order))
     return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])))
 
 

@@ -394,13 +394,16 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
             for s, r, a in ((0, True, 0.80), (1, True, 0.82), (2, True, 0.84), (0, False, 0.85), (1, False, 0.86),
                             (2, False, 0.90))]
 
-    def study_of(folder, arm, runs, examples=2000, pooling="cls"):
+    def study_of(folder, arm, runs, examples=2000, pooling="cls", **more):
         (tmp_path / "transfer" / folder).mkdir(parents=True)
         options = {"checkpoint": f"runs/zh-study/{arm}/checkpoints/last.ckpt", "examples": str(examples),
-                   "epochs": "5", "pooling": pooling}
+                   "epochs": "5", "pooling": pooling, **more}
         (tmp_path / "transfer" / folder / "results.json").write_text(json.dumps({"options": options, "runs": runs}))
 
     study_of("wwm-tapt", "wwm-tapt", runs)
+    study_of("wwm-tapt-reinit", "wwm-tapt", [dict(r, final_accuracy=r["final_accuracy"] + (0.0 if r["random_init"]
+                                                                                          else 0.01)) for r in runs],
+             reinit_pooler="True")
     study_of("char-tapt-mean", "char-tapt", [dict(r, final_accuracy=r["final_accuracy"] + (0.03 if r["random_init"]
                                                                                           else 0.0)) for r in runs],
              pooling="mean")
@@ -420,6 +423,11 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
         "| ChnSentiCorp dev, fine-tuned on 500 reviews for 5 epochs at lr 0.0003"]
     assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 | |" in tables[0]
     assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in tables[0]
+    # the same encoder with its pooler re-initialised: its own row, after the plain one, against the same random runs
+    rows = tables[0].splitlines()
+    plain = rows.index("| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |")
+    assert rows[plain + 1] == ("| novels, whole words, then the reviews' text, pooler re-initialised | "
+                               "0.860 / 0.870 / 0.910 | 0.880 ± 0.026 | +6.0 |")
     assert "| random weights | 0.750 / 0.770 / 0.790 | 0.770 ± 0.020 | |" in tables[1]  # only the lr 1e-4 study's
     assert "| novels, characters, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +10.0 |" in tables[1]
     assert "| random weights | 0.830 / 0.850 / 0.870 | 0.850 ± 0.020 | |" in tables[2]
