@@ -59,3 +59,5 @@ transfer ngram-tapt runs/zh-study/ngram-tapt/checkpoints/last.ckpt "${RANDOM_RUN
 transfer ngram-tapt-500-20ep runs/zh-study/ngram-tapt/checkpoints/last.ckpt --examples 500 --epochs 20 \
     --random-from $OUT/char-tapt-500-20ep/results.json
 transfer ngram runs/zh-study/ngram/checkpoints/last.ckpt "${RANDOM_RUNS[@]}"
+# the n-gram encoder after the reviews' text with its pooler re-initialised (2,000 reviews)
+transfer ngram-tapt-reinit-pooler runs/zh-study/ngram-tapt/checkpoints/last.ckpt --reinit-pooler "${RANDOM_RUNS[@]}"
