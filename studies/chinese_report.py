@@ -65,15 +65,14 @@ def transfer_groups(study: Path) -> dict[tuple, list[dict]]:
         for rate in sorted({r["learning_rate"] for r in study_results["runs"]}, reverse=True):
             runs = [r for r in study_results["runs"] if r["learning_rate"] == rate]
             key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"), rate)
-            encoder = encoder_of(options["checkpoint"]) + (
-                ", pooler re-initialised" if options.get("reinit_pooler") == "True" else "")
-            groups.setdefault(key, []).append({"encoder": encoder,
+            groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
+                                               "reinit_pooler": options.get("reinit_pooler") == "True",
                                                "random": accuracies(runs, True),
                                                "pretrained": accuracies(runs, False)})
     order = list(ENCODERS.values())
     for studies in groups.values():
-        studies.sort(key=lambda s: order.index(s["encoder"].split(", pooler")[0]) if s["encoder"].split(", pooler")[0] in order
-                     else len(order))
+        studies.sort(key=lambda s: (order.index(s["encoder"]) if s["encoder"] in order else len(order),
+                                    s["reinit_pooler"]))
     return dict(sorted(groups.items(), key=lambda kv: (-kv[0][0], kv[0][1], kv[0][2], -kv[0][3])))
 
 
@@ -100,7 +99,8 @@ def table(study: Path, curves: dict[str, list[dict]]) -> str:
         for s in studies:
             if s["random"] != shared:  # a study that ran its own random-weight runs, and they differ
                 lines.append(f"| random weights (beside the next row) | {seeds(s['random'])} | {mean_sd(s['random'])} | |")
-            lines.append(f"| {s['encoder']} | {seeds(s['pretrained'])} | {mean_sd(s['pretrained'])} | "
+            label = s["encoder"] + (", pooler re-initialised" if s["reinit_pooler"] else "")
+            lines.append(f"| {label} | {seeds(s['pretrained'])} | {mean_sd(s['pretrained'])} | "
                          f"{100 * (statistics.mean(s['pretrained']) - statistics.mean(s['random'])):+.1f} |")
     return "\n".join(lines) + "\n"
 
