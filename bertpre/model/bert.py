@@ -280,9 +280,12 @@ class BertForPretraining(nn.Module):
     @classmethod
     def randomly_initialised(cls, config: BertConfig, seed: int = 0) -> BertForPretraining:
         """BERT's random initialisation from a fixed seed: the baseline that shows what
-        pretraining is worth (``bertpre finetune --model.random_init``, the probes)."""
-        torch.manual_seed(seed)
-        return cls(config)
+        pretraining is worth (``bertpre finetune --model.random_init``, the probes). Drawn from a
+        copy of the random state, so the caller's stream (a run's seed: its classifier head,
+        dropout and data order) goes on as if this had not been called."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return cls(config)
 
     def num_parameters(self, embeddings: bool = True) -> int:
         total = sum(p.numel() for p in self.parameters())

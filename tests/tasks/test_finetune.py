@@ -80,6 +80,24 @@ def test_random_init_keeps_architecture_and_tokenizer_but_not_weights(pretrained
 
 
 
+def test_random_init_runs_follow_their_seed_beyond_the_fixed_encoder(pretrained):
+    """The random-weight baseline's encoder is the same for every seed (BERT's initialisation from
+    one fixed seed), but drawing it must not reset the run's random stream: the classifier head (and
+    after it dropout and data order) differ from seed to seed, as in a run from a checkpoint."""
+    columns = {"text_column": "sentence", "text_pair_column": None, "label_column": "label", "max_seq_length": 64}
+    built = {}
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        module = ClassifierModule(str(pretrained), random_init=True)
+        module.use_labels(["neg", "pos"], columns)
+        built[seed] = (module.model.state_dict(), torch.rand(4))
+    (first, after_first), (second, after_second) = built[1], built[2]
+    encoder = [k for k in first if k.startswith("encoder.")]
+    assert encoder and all(torch.equal(first[k], second[k]) for k in encoder), "the encoder's seed is fixed"
+    assert not torch.equal(first["classifier.weight"], second["classifier.weight"]), "the head follows the seed"
+    assert not torch.equal(after_first, after_second), "the run's stream after building follows the seed"
+
+
 def test_reinit_pooler_redraws_the_pooler_alone_and_leaves_the_runs_random_stream(pretrained):
     """The pooler starts from BERT's initialisation (std initializer_range, zero bias); every other
     weight is the checkpoint's; the classifier head drawn afterwards is the same as without it."""
