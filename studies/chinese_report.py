@@ -65,7 +65,8 @@ def transfer_groups(study: Path) -> dict[tuple, list[dict]]:
         for rate in sorted({r["learning_rate"] for r in study_results["runs"]}, reverse=True):
             runs = [r for r in study_results["runs"] if r["learning_rate"] == rate]
             key = (int(options["examples"]), int(options["epochs"]), options.get("pooling", "cls"), rate)
-            groups.setdefault(key, []).append({"encoder": encoder_of(options["checkpoint"]),
+            groups.setdefault(key, []).append({"folder": results.parent.name,
+                                               "encoder": encoder_of(options["checkpoint"]),
                                                "reinit_pooler": options.get("reinit_pooler") == "True",
                                                "random": accuracies(runs, True),
                                                "pretrained": accuracies(runs, False)})
@@ -96,10 +97,12 @@ def table(study: Path, curves: dict[str, list[dict]]) -> str:
                   "seeds 0 / 1 / 2 | mean ± sd | against random weights (same settings) |", "|---|---|---|---|"]
         shared = studies[0]["random"]
         lines.append(f"| random weights | {seeds(shared)} | {mean_sd(shared)} | |")
-        for s in studies:
+        labels = [s["encoder"] + (", pooler re-initialised" if s["reinit_pooler"] else "") for s in studies]
+        for s, label in zip(studies, labels):
             if s["random"] != shared:  # a study that ran its own random-weight runs, and they differ
                 lines.append(f"| random weights (beside the next row) | {seeds(s['random'])} | {mean_sd(s['random'])} | |")
-            label = s["encoder"] + (", pooler re-initialised" if s["reinit_pooler"] else "")
+            if labels.count(label) > 1:  # the same encoder and settings in two studies: name their folders
+                label += f" (`{s['folder']}`)"
             lines.append(f"| {label} | {seeds(s['pretrained'])} | {mean_sd(s['pretrained'])} | "
                          f"{100 * (statistics.mean(s['pretrained']) - statistics.mean(s['random'])):+.1f} |")
     return "\n".join(lines) + "\n"

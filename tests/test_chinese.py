@@ -407,6 +407,8 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
     study_of("char-tapt-mean", "char-tapt", [dict(r, final_accuracy=r["final_accuracy"] + (0.03 if r["random_init"]
                                                                                           else 0.0)) for r in runs],
              pooling="mean")
+    study_of("wwm-tapt-rerun", "wwm-tapt", [dict(r, final_accuracy=r["final_accuracy"] + (0.02 if r["random_init"]
+                                                                                         else 0.0)) for r in runs])
     study_of("char-500", "char", [dict(r, final_accuracy=r["final_accuracy"] - 0.1) for r in runs], examples=500)
     study_of("char-tapt-lr1e-4", "char-tapt", [dict(r, learning_rate=1e-4, final_accuracy=r["final_accuracy"] - (
         0.05 if r["random_init"] else 0.0)) for r in runs])
@@ -422,11 +424,15 @@ def test_the_study_report_reads_both_arms_and_the_transfer_runs(tmp_path):
         "| ChnSentiCorp dev, fine-tuned on 2,000 reviews for 5 epochs, mean pooling at lr 0.0003",
         "| ChnSentiCorp dev, fine-tuned on 500 reviews for 5 epochs at lr 0.0003"]
     assert "| random weights | 0.800 / 0.820 / 0.840 | 0.820 ± 0.020 | |" in tables[0]
-    assert "| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |" in tables[0]
-    # the same encoder with its pooler re-initialised: its own row, after the plain one, against the same random runs
+    # the same encoder and settings in two studies (random weights rerun in the second): rows named by folder
     rows = tables[0].splitlines()
-    plain = rows.index("| novels, whole words, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +5.0 |")
-    assert rows[plain + 1] == ("| novels, whole words, then the reviews' text, pooler re-initialised | "
+    plain = rows.index("| novels, whole words, then the reviews' text (`wwm-tapt`) | 0.850 / 0.860 / 0.900 | "
+                       "0.870 ± 0.026 | +5.0 |")
+    assert rows[plain + 1:plain + 3] == [
+        "| random weights (beside the next row) | 0.820 / 0.840 / 0.860 | 0.840 ± 0.020 | |",
+        "| novels, whole words, then the reviews' text (`wwm-tapt-rerun`) | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +3.0 |"]
+    # the same encoder with its pooler re-initialised: its own row, after the plain ones, against the same random runs
+    assert rows[plain + 3] == ("| novels, whole words, then the reviews' text, pooler re-initialised | "
                                "0.860 / 0.870 / 0.910 | 0.880 ± 0.026 | +6.0 |")
     assert "| random weights | 0.750 / 0.770 / 0.790 | 0.770 ± 0.020 | |" in tables[1]  # only the lr 1e-4 study's
     assert "| novels, characters, then the reviews' text | 0.850 / 0.860 / 0.900 | 0.870 ± 0.026 | +10.0 |" in tables[1]
