@@ -71,3 +71,5 @@ transfer ngram-tapt-reinit-pooler-all runs/zh-study/ngram-tapt/checkpoints/last.
 # head, dropout and data order from seed 0 whatever its seed; its subset did follow the seed): on such code this
 # line runs both sides, and the pretrained ones repeat ngram-tapt-reinit-pooler's (the study copied them)
 transfer ngram-tapt-reinit-pooler-reseeded runs/zh-study/ngram-tapt/checkpoints/last.ckpt --reinit-pooler
+# the same at 500 reviews in 20 epochs (the pretrained runs repeat ngram-tapt-500-20ep's, which the study copied)
+transfer ngram-tapt-500-20ep-reseeded runs/zh-study/ngram-tapt/checkpoints/last.ckpt --examples 500 --epochs 20
