@@ -73,3 +73,7 @@ transfer ngram-tapt-reinit-pooler-all runs/zh-study/ngram-tapt/checkpoints/last.
 transfer ngram-tapt-reinit-pooler-reseeded runs/zh-study/ngram-tapt/checkpoints/last.ckpt --reinit-pooler
 # the same at 500 reviews in 20 epochs (the pretrained runs repeat ngram-tapt-500-20ep's, which the study copied)
 transfer ngram-tapt-500-20ep-reseeded runs/zh-study/ngram-tapt/checkpoints/last.ckpt --examples 500 --epochs 20
+# the character arm's encoder after the reviews' text against those random weights (500 x 20 epochs): reruns its
+# fine-tunes and borrows the rerun random-weight runs (needs runs/zh-study/char-tapt, rebuilt with the lines above)
+transfer char-tapt-500-20ep-reseeded runs/zh-study/char-tapt/checkpoints/last.ckpt --examples 500 --epochs 20 \
+    --random-from $OUT/ngram-tapt-500-20ep-reseeded/results.json
