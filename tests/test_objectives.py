@@ -53,13 +53,11 @@ def test_nsp_data_is_what_it_was_before_the_objectives(static, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def book_documents(tmp_path_factory):
-    """The 15 bundled books as token-id documents (a tokenizer trained on them)."""
+def book_documents(prepared_objectives):
+    """The 15 bundled books as token-id documents (the tokenizer prepare trained on them)."""
     from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
 
-    out = tmp_path_factory.mktemp("books") / "nsp"
-    prepare(PrepareOptions(inputs=BOOKS, output=out, vocab_size=4000, pairs=PairOptions(max_seq_length=64)))
-    encoder = SentenceEncoder(load_tokenizer(out))
+    encoder = SentenceEncoder(load_tokenizer(prepared_objectives / "sop"))
     documents = []
     for document in read_documents(expand_inputs(BOOKS), CorpusOptions(), CorpusStats()):
         ids, counts = encoder.encode(document)
@@ -118,8 +116,9 @@ def test_sop_labels_are_balanced_on_real_text(book_documents):
 @pytest.fixture(scope="module")
 def prepared_objectives(tmp_path_factory):
     folder = tmp_path_factory.mktemp("objectives")
-    for objective in ("sop", "none"):
+    for objective in ("sop", "none"):  # none takes the tokenizer sop's prepare trained on the same books
         prepare(PrepareOptions(inputs=BOOKS, output=folder / objective, vocab_size=4000,
+                               tokenizer=None if objective == "sop" else str(folder / "sop"),
                                pairs=PairOptions(max_seq_length=64, objective=objective)))
     return folder
 
@@ -267,6 +266,7 @@ def test_static_masking_and_whole_words_work_for_every_objective(tmp_path):
         out = tmp_path / objective
         prepare(PrepareOptions(inputs=[str(SAMPLE / "carroll-alice.txt"), str(SAMPLE / "shakespeare-caesar.txt")],
                                output=out, vocab_size=1000, static_masking=True, whole_word_masking=True,
+                               tokenizer=None if objective == "sop" else str(tmp_path / "sop"),
                                pairs=PairOptions(max_seq_length=64, objective=objective)))
         train_split = PreparedData(out).load_dataset()["train"]
         assert {"masked_lm_positions", "masked_lm_ids"} <= set(train_split.column_names)

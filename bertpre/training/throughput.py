@@ -94,6 +94,21 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
     return None, f"unknown peak for {device.type}"
 
 
+_CPU_PEAKS: dict[tuple[str, int], float | None] = {}  # (precision, torch threads) -> a CPU's peak, once per process
+
+
+def run_peak(device: torch.device, precision: str) -> float | None:
+    """The peak a training run's MFU is measured against (``peak_flops``); on CPU timed once per
+    process and precision, so that several runs in one process (a study's arms) share one
+    denominator and only the first pays for the timing."""
+    if device.type != "cpu" or os.environ.get(PEAK_ENV):
+        return peak_flops(device, precision)[0]
+    key = (precision, torch.get_num_threads())
+    if key not in _CPU_PEAKS:
+        _CPU_PEAKS[key] = peak_flops(device, precision)[0]
+    return _CPU_PEAKS[key]
+
+
 class ThroughputLogger(L.Callback):
     """Logs perf/tokens_per_sec (real tokens, padding excluded), perf/samples_per_sec,
     perf/padding_share, perf/mfu (model FLOPs of the real tokens over the peak), all ranks
@@ -104,12 +119,14 @@ class ThroughputLogger(L.Callback):
     count, summed on the device: one host sync per window, none per step). The first window of a
     run (or of a resumed run) is not logged: it holds start-up, warm-up and compilation. A window
     in which validation ran or a checkpoint was written is dropped, not averaged in: the figures
-    are the training step's own."""
+    are the training step's own. The peak is found when the first window is logged (a CPU's is
+    timed then, between two windows), so a run too short to log one never pays for it."""
 
     def __init__(self, window: int = 10, skip_first: bool = True) -> None:
         self.window = window
         self.skip_first = skip_first
         self.peak: float | None = None
+        self.peak_pending = False  # set at the start of a run: find the peak before the first window is logged
         self.windows = 0  # windows timed so far (the first is skipped)
         self._reset(None)
 
@@ -124,7 +141,7 @@ class ThroughputLogger(L.Callback):
         return time.perf_counter()
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.peak, _ = peak_flops(pl_module.device, str(trainer.precision))
+        self.peak_pending = True
         self.windows = 0
         self._reset(None)
 
@@ -158,6 +175,8 @@ class ThroughputLogger(L.Callback):
             return
         world = trainer.world_size
         tokens = int(self.tokens)  # already computed: the sync above waited for it
+        if self.peak_pending:  # after this window's time was taken; the next window starts after it
+            self.peak, self.peak_pending = run_peak(device, str(trainer.precision)), False
 
         def log(name: str, value: float, **kwargs) -> None:  # host tensors: Lightning copies Python numbers
             pl_module.log(name, torch.tensor(value, dtype=torch.float32), batch_size=B, **kwargs)

@@ -79,3 +79,52 @@ def test_the_cuda_branch_of_the_peak_reads_the_device_name(monkeypatch):
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H100 PCIe")
     assert peak_flops(torch.device("cuda"), "bf16-mixed")[0] == 756e12
     assert peak_flops(torch.device("cuda"), "32-true")[0] == 51e12
+
+
+def test_a_cpu_run_times_its_peak_once_between_windows_and_a_short_run_never(monkeypatch):
+    """Timing a CPU's matmul peak costs seconds: a run too short to log a window must not pay for
+    it, a longer one pays once per process (a second run reuses it), and the timing lies between
+    two windows, in neither."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from bertpre.training import throughput
+
+    clock = [0.0]
+    timed = []
+
+    def time_matmul(size, dtype):  # a slow product: 100 s on the run's clock
+        timed.append(size)
+        clock[0] += 100.0
+        return 0.5
+
+    monkeypatch.delenv(throughput.PEAK_ENV, raising=False)
+    monkeypatch.setattr(throughput, "_CPU_PEAKS", {}, raising=False)
+    monkeypatch.setattr(throughput, "time_matmul", time_matmul)
+    monkeypatch.setattr(throughput.time, "perf_counter", lambda: clock[0])
+    logged = []
+    module = SimpleNamespace(device=torch.device("cpu"), config=BertConfig(vocab_size=100, hidden_size=8, num_layers=1,
+                             num_heads=2, intermediate_size=16),
+                             log=lambda name, value, **kw: logged.append((name, float(value))))
+    trainer = SimpleNamespace(world_size=1, precision="32-true")
+    batch = {"input_ids": torch.zeros(2, 8, dtype=torch.long), "attention_mask": torch.ones(2, 8, dtype=torch.long)}
+
+    def run(steps):
+        logger = throughput.ThroughputLogger(window=2)
+        logger.on_train_start(trainer, module)
+        for i in range(steps):
+            logger.on_train_batch_start(trainer, module, batch, i)
+            clock[0] += 1.0  # each step takes a second
+            logger.on_train_batch_end(trainer, module, None, batch, i)
+        return logger
+
+    run(3)  # the first window is not logged: nothing to measure against
+    assert timed == [] and logged == []
+    logger = run(6)  # windows 2 and 3 are logged
+    assert timed and logger.peak == pytest.approx(2 * timed[-1] ** 3 / 0.5)
+    assert [v for n, v in logged if n == "perf/tokens_per_sec"] == [16.0, 16.0], \
+        "the peak's timing (100 s a product) fell inside a window"
+    assert [n for n, _ in logged].count("perf/mfu") == 2
+    count = len(timed)
+    assert run(4).peak == logger.peak and len(timed) == count, "a second run in the process timed the peak again"
