@@ -57,6 +57,7 @@ def test_context_probe_script_reports_both_accuracies(sample_checkpoint, sample_
     assert re.search(r"mean cosine [+-]\d\.\d{3} .* correlation with log frequency [+-]\d\.\d\d", out), out
 
 
+@pytest.mark.slow  # two study scripts in subprocesses, 8 s of imports here; in CI's slow run
 def test_scripts_report_bad_input_in_one_line(tmp_path):
     scripts = [subprocess.Popen([sys.executable, str(ROOT / "studies" / f"{name}.py"), *args],
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -69,6 +70,7 @@ def test_scripts_report_bad_input_in_one_line(tmp_path):
         assert "Traceback" not in stderr
 
 
+@pytest.mark.slow  # a study script in a subprocess, 9 s here; in CI's slow run
 def test_context_probe_random_init_baseline_has_isotropic_embeddings(sample_checkpoint, sample_prepared):
     out = run_script("mlm_context_probe", str(sample_checkpoint), str(sample_prepared), "--batches", "1",
                      "--random-init", "--neighbours", "the", "qwertyuiop")
@@ -78,6 +80,7 @@ def test_context_probe_random_init_baseline_has_isotropic_embeddings(sample_chec
     assert abs(float(cosine)) < 0.02 and abs(float(correlation)) < 0.15, out
 
 
+@pytest.mark.slow  # a study script in a subprocess, 7 s here; in CI's slow run
 def test_context_probe_refuses_data_of_another_vocabulary(sample_checkpoint, gutenberg_prepared):
     done = subprocess.run([sys.executable, str(ROOT / "studies" / "mlm_context_probe.py"), str(sample_checkpoint),
                            str(gutenberg_prepared)], capture_output=True, text=True, timeout=120, check=False)

@@ -132,8 +132,7 @@ def import_hf(directory: str | Path, output: str | Path, overwrite: bool = False
         state = from_hf_state_dict({k: v for k, v in weights.items() if not k.endswith("position_ids")})
     except KeyError as e:
         raise UserError(f"{directory}: {e.args[0]}; not a BERT checkpoint bertpre can read") from None
-    torch.manual_seed(0)
-    model = BertForPretraining(config)
+    model = BertForPretraining.randomly_initialised(config)  # what the directory lacks: a fixed seed's draw
     missing, unexpected = model.load_state_dict(state, strict=False)
     if unexpected:
         raise UserError(f"{directory}: unexpected weights {unexpected[:3]}")

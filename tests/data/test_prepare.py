@@ -30,26 +30,34 @@ from bertpre.data.tokenizer import load_tokenizer
 from bertpre.errors import UserError
 
 
-def arrays(split) -> tuple[list[np.ndarray], list[np.ndarray], np.ndarray]:
-    table = split.with_format("numpy")
-    return list(table["input_ids"]), list(table["token_type_ids"]), np.asarray(table["next_sentence_label"])
+def flat_column(split, name: str) -> tuple[np.ndarray, np.ndarray]:
+    """A list column of every row at once: (all values in row order, row offsets (rows + 1,))."""
+    column = split.data.column(name).combine_chunks()
+    return np.asarray(column.flatten()), np.asarray(column.offsets)
 
 
 def test_gutenberg_pairs_statistics(gutenberg_prepared):
     record = PrepareRecord.read(gutenberg_prepared / "prepare.json")
     train = PreparedData(gutenberg_prepared).load_dataset()["train"]
-    input_ids, token_types, labels = arrays(train)
-    assert len(input_ids) > 15000
+    ids, offsets = flat_column(train, "input_ids")  # every row's tokens, one after another
+    types, type_offsets = flat_column(train, "token_type_ids")
+    labels = np.asarray(train.data.column("next_sentence_label"))
+    lengths = np.diff(offsets)
+    assert len(lengths) > 15000 and np.array_equal(type_offsets, offsets)
     assert abs(labels.mean() - 0.5) <= 0.02, "NotNext share"
-    assert max(len(ids) for ids in input_ids) <= 128
+    assert lengths.max() <= 128
     assert abs(record.fraction("short_target") - 0.10) <= 0.02
     tokenizer = load_tokenizer(gutenberg_prepared)
     cls, sep = tokenizer.token_to_id("[CLS]"), tokenizer.token_to_id("[SEP]")
-    for ids, types in zip(input_ids, token_types):
-        first_sep = int(np.flatnonzero(ids == sep)[0])
-        assert ids[0] == cls and ids[-1] == sep and np.count_nonzero(ids == sep) == 2
-        # segments are contiguous: 0 through the first [SEP], 1 after it
-        assert not types[: first_sep + 1].any() and types[first_sep + 1 :].all()
+    starts = offsets[:-1]
+    assert (ids[starts] == cls).all() and (ids[offsets[1:] - 1] == sep).all()
+    is_sep = ids == sep
+    assert (np.add.reduceat(is_sep, starts) == 2).all(), "a row without exactly two [SEP]"
+    # segments are contiguous: 0 through the first [SEP], 1 after it (a token is in segment B when
+    # a [SEP] of its row comes before it)
+    seps_before = np.cumsum(is_sep) - is_sep  # [SEP]s before each token, counted from the first row
+    seps_before -= np.repeat(seps_before[starts], lengths)  # ... from its own row's start
+    assert np.array_equal(types, (seps_before > 0).astype(types.dtype))
     assert abs(record.fraction("not_next") - 0.5) <= 0.02
 
 
@@ -256,6 +264,7 @@ def arrow_bytes(prepared: Path) -> dict[str, bytes]:
     return {str(p.relative_to(prepared)): p.read_bytes() for p in sorted((prepared / "dataset").rglob("*.arrow"))}
 
 
+@pytest.mark.slow  # two preparations of 6 MB, 11 s here; in CI's slow run
 def test_any_number_of_processes_gives_the_same_bytes(gutenberg_prepared, tmp_path, monkeypatch):
     books = [b for b in gutenberg_books() if "bible" not in b]  # 14 books, 6 MB
     monkeypatch.setattr(bertpre.data.prepare, "BLOCK_CHARS", 250_000)  # about 25 blocks, several in flight

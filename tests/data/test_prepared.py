@@ -14,6 +14,7 @@ from bertpre.data.prepared import PreparedData
 from bertpre.errors import UserError
 
 
+@pytest.mark.slow  # three preparations of the corpus, 10 s here; in CI's slow run
 def test_shards_combine_into_one_training_folder(gutenberg_prepared, tmp_path, capsys):
     books = gutenberg_books()
     shards = []

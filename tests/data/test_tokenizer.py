@@ -24,10 +24,16 @@ def direct_ids(tokenizer: Tokenizer, sentences: list[str]) -> tuple[np.ndarray, 
     return ids, np.array([len(e.ids) for e in encodings])
 
 
+@pytest.fixture(scope="module")
+def book_sentences() -> list[str]:
+    """The sentences of four Gutenberg books."""
+    return [s for d in read_documents(expand_inputs(gutenberg_books()[:4]), CorpusOptions(), CorpusStats()) for s in d]
+
+
 @pytest.mark.parametrize("cased", [False, True])
-def test_word_cache_gives_the_tokenizers_ids(gutenberg_prepared, cased):
+def test_word_cache_gives_the_tokenizers_ids(book_sentences, cased):
     wikitext = [line.strip() for line in (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()]
-    books = [s for d in read_documents(expand_inputs(gutenberg_books()[:4]), CorpusOptions(), CorpusStats()) for s in d]
+    books = book_sentences
     tokenizer = train_tokenizer(books[:20000], 4000, lowercase=not cased)
     sentences = books + wikitext + ODD_TEXT
     encoder = SentenceEncoder(tokenizer)
@@ -60,6 +66,7 @@ def test_other_tokenizers_are_encoded_sentence_by_sentence(gutenberg_prepared):
     assert np.array_equal(ids, expected_ids) and np.array_equal(counts, expected_counts)
 
 
+@pytest.mark.slow  # three samples of 6 MB and a tokenizer, 11 s here; in CI's slow run
 def test_tokenizer_sample_is_bounded_seeded_and_trainable_alone(tmp_path, capsys):
     books = expand_inputs([b for b in gutenberg_books() if "bible" not in b])  # 14 books, 6 MB
     options = CorpusOptions()

@@ -91,7 +91,11 @@ def test_other_transformers_classes_and_fill_mask_load_it(exported):
 
 def test_export_import_export_is_bit_identical(exported, tmp_path):
     imported = tmp_path / "imported.ckpt"
+    torch.manual_seed(7)
+    expected = torch.rand(3)
+    torch.manual_seed(7)
     assert import_hf(exported, imported) == []
+    assert torch.equal(torch.rand(3), expected), "importing reset the caller's random state"
     again = export_checkpoint(imported, tmp_path / "again")
     for name in ("model.safetensors", "config.json", "tokenizer.json", "vocab.txt", "tokenizer_config.json"):
         assert (again / name).read_bytes() == (exported / name).read_bytes(), name

@@ -415,6 +415,7 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)
 """
 
 
+@pytest.mark.slow  # 200 MB saved in a subprocess, 10 s here; in CI's slow run
 def test_a_checkpoint_is_streamed_to_disk_not_built_in_memory_first(tmp_path):
     """A bert-large training checkpoint is about 4 GB: writing it must not hold a second copy in RAM.
     Saving 200 MB of weights raises this process's peak memory by far less than 200 MB (it rose by

@@ -11,6 +11,7 @@ from conftest import ROOT
 TINY = str(ROOT / "configs" / "bert-tiny.yaml")
 
 
+@pytest.mark.slow  # a fresh process (Lightning prints some notices once a process), 14 s here; in CI's slow run
 def test_a_step_based_run_shows_steps_and_nothing_of_lightnings_noise(sample_prepared, tmp_path):
     run = tmp_path / "run"
     done = subprocess.run(
