@@ -342,6 +342,7 @@ def test_whole_word_masking_on_chinese_data_without_boundaries_warns(novel_prepa
         assert data.masker.continuation is not None and data.val_masker.continuation is None
 
 
+@pytest.mark.slow  # three training runs of the shipped Chinese config, 8.5 s here; in CI's slow run
 def test_a_resumed_run_masks_the_same_whole_words(novel_prepared, tmp_path):
     """Word boundaries survive a resume: a run resumed from its step-4 checkpoint logs the same losses at
     steps 4-7 as the uninterrupted run, which a run masking characters does not."""

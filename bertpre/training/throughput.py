@@ -78,10 +78,13 @@ def gpu_peak(name: str, precision: str) -> tuple[float | None, str]:
     return None, f"unknown peak for {name} (set {PEAK_ENV} or --peak-tflops)"
 
 
+_CPU_PEAKS: dict[tuple[torch.dtype, int], tuple[float, int]] = {}  # (dtype, torch threads) -> measured_cpu_peak
+
+
 def peak_flops(device: torch.device, precision: str, override_tflops: float | None = None) -> tuple[float | None, str]:
     """Peak FLOP/s to measure MFU against, and where the figure comes from: ``override_tflops``
     or the BERTPRE_PEAK_TFLOPS environment variable if given, else the datasheet (GPU) or a
-    measured matmul peak in the run's precision (CPU)."""
+    measured matmul peak in the run's precision (CPU; timed once per process)."""
     override = override_tflops if override_tflops is not None else os.environ.get(PEAK_ENV)
     if override not in (None, ""):
         return float(override) * 1e12, f"{float(override):g} TFLOP/s given"
@@ -89,24 +92,12 @@ def peak_flops(device: torch.device, precision: str, override_tflops: float | No
         return gpu_peak(torch.cuda.get_device_name(device), precision)
     if device.type == "cpu":
         dtype = torch.bfloat16 if "bf16" in str(precision) else torch.float32
-        peak, size = measured_cpu_peak(dtype=dtype)
+        key = (dtype, torch.get_num_threads())
+        if key not in _CPU_PEAKS:  # once per process: runs in one process (a study's arms) share one denominator
+            _CPU_PEAKS[key] = measured_cpu_peak(dtype=dtype)
+        peak, size = _CPU_PEAKS[key]
         return peak, f"best timed {dtype} {size}x{size} matmul on this CPU"
     return None, f"unknown peak for {device.type}"
-
-
-_CPU_PEAKS: dict[tuple[str, int], float | None] = {}  # (precision, torch threads) -> a CPU's peak, once per process
-
-
-def run_peak(device: torch.device, precision: str) -> float | None:
-    """The peak a training run's MFU is measured against (``peak_flops``); on CPU timed once per
-    process and precision, so that several runs in one process (a study's arms) share one
-    denominator and only the first pays for the timing."""
-    if device.type != "cpu" or os.environ.get(PEAK_ENV):
-        return peak_flops(device, precision)[0]
-    key = (precision, torch.get_num_threads())
-    if key not in _CPU_PEAKS:
-        _CPU_PEAKS[key] = peak_flops(device, precision)[0]
-    return _CPU_PEAKS[key]
 
 
 class ThroughputLogger(L.Callback):
@@ -176,7 +167,7 @@ class ThroughputLogger(L.Callback):
         world = trainer.world_size
         tokens = int(self.tokens)  # already computed: the sync above waited for it
         if self.peak_pending:  # after this window's time was taken; the next window starts after it
-            self.peak, self.peak_pending = run_peak(device, str(trainer.precision)), False
+            self.peak, self.peak_pending = peak_flops(device, str(trainer.precision))[0], False
 
         def log(name: str, value: float, **kwargs) -> None:  # host tensors: Lightning copies Python numbers
             pl_module.log(name, torch.tensor(value, dtype=torch.float32), batch_size=B, **kwargs)

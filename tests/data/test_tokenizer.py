@@ -33,9 +33,8 @@ def book_sentences() -> list[str]:
 @pytest.mark.parametrize("cased", [False, True])
 def test_word_cache_gives_the_tokenizers_ids(book_sentences, cased):
     wikitext = [line.strip() for line in (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()]
-    books = book_sentences
-    tokenizer = train_tokenizer(books[:20000], 4000, lowercase=not cased)
-    sentences = books + wikitext + ODD_TEXT
+    tokenizer = train_tokenizer(book_sentences[:20000], 4000, lowercase=not cased)
+    sentences = book_sentences + wikitext + ODD_TEXT
     encoder = SentenceEncoder(tokenizer)
     assert encoder.cached
     expected_ids, expected_counts = direct_ids(tokenizer, sentences)
