@@ -261,6 +261,7 @@ def test_a_checkpoint_with_a_sentence_head_starts_an_mlm_only_run_which_resumes(
     assert "trained 8 steps" in capsys.readouterr().out
 
 
+@pytest.mark.slow  # two preparations and two training runs, 9 s here; in CI's slow run
 def test_static_masking_and_whole_words_work_for_every_objective(tmp_path):
     for objective in ("sop", "none"):
         out = tmp_path / objective
