@@ -6,6 +6,7 @@ import hashlib
 import json
 import math
 import random
+from collections import defaultdict
 
 import numpy as np
 import pytest
@@ -69,8 +70,13 @@ def book_documents(prepared_objectives):
 def test_sop_pairs_are_two_adjacent_spans_of_one_document_in_or_out_of_order(book_documents):
     """Long enough pairs that nothing is cut: A then B (or B then A when swapped) must be a run of
     whole sentences of one document, A ending where B begins."""
-    streams = [np.concatenate(d).astype(np.int32).tobytes() for d in book_documents]
+    streams = [np.concatenate(d) for d in book_documents]
     starts = [set(np.cumsum([0] + [len(s) for s in d]).tolist()) for d in book_documents]
+    # every sentence start of every document, by the three tokens from there: where a pair can begin
+    begins = defaultdict(list)
+    for d, stream in enumerate(streams):
+        for at in starts[d]:
+            begins[tuple(stream[at:at + 3].tolist())].append((d, at))
     # every target short (uniform up to the maximum): chunks rarely pass the maximum and get cut
     instances = list(create_instances(book_documents, PairOptions(max_seq_length=1024, objective="sop",
                                                                   short_seq_prob=1.0), random.Random(1)))
@@ -79,17 +85,11 @@ def test_sop_pairs_are_two_adjacent_spans_of_one_document_in_or_out_of_order(boo
     for inst in whole:
         first, second = (inst.tokens_b, inst.tokens_a) if inst.is_random_next else (inst.tokens_a, inst.tokens_b)
         assert len(first) and len(second)
-        joined = np.concatenate([first, second]).astype(np.int32).tobytes()
-        found = [(d, at // 4) for d, stream in enumerate(streams) for at in _all(stream, joined) if at % 4 == 0]
-        assert any(at in starts[d] and at + len(first) in starts[d] for d, at in found), \
-            "a SOP pair is not two adjacent runs of whole sentences of one document"
-
-
-def _all(haystack: bytes, needle: bytes):
-    at = haystack.find(needle)
-    while at >= 0:
-        yield at
-        at = haystack.find(needle, at + 1)
+        joined = np.concatenate([first, second])
+        candidates = begins.get(tuple(joined[:3].tolist()), []) if len(joined) >= 3 else \
+            [(d, at) for d in range(len(streams)) for at in starts[d]]
+        assert any(np.array_equal(streams[d][at:at + len(joined)], joined) and at + len(first) in starts[d]
+                   for d, at in candidates), "a SOP pair is not two adjacent runs of whole sentences of one document"
 
 
 def test_sop_labels_are_balanced_on_real_text(book_documents):
