@@ -13,7 +13,9 @@ time on. On one GPU it takes a few minutes:
 5. ``bench`` (and ``bench-compiled``): ``bertpre bench`` against transformers'
    ``BertForPreTraining`` (sdpa) on the same batch and optimizer;
 6. ``attention``: the attention kernels SDPA picks with and without a padding mask, and the q/k/v
-   projections as one product against three, timed;
+   projections as one product against three, timed; ``profile`` (and ``profile-compiled``):
+   bench's step under torch.profiler, its kernel time by category (matrix products, attention,
+   LayerNorm, dropout, optimizer, ...), the device's busy share and the matrix products' TFLOP/s;
 7. ``large``: ``--large-preset`` at growing batch sizes until memory runs out;
 8. ``recipe`` (with ``--corpus``): configs/bert-mini-cpu.yaml's recipe for ``--recipe-minutes``.
 
@@ -51,7 +53,6 @@ from bertpre.perf.gpucheck_results import (
     read_metrics_versions,
     series,
     throughput,
-    time_ms,
 )
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and data_prep/sample
@@ -96,7 +97,7 @@ class GpuCheckOptions:
 
 
 STAGES = ("environment", "prepare", "eager", "compiled", "resume", "fp16", "bench", "bench-compiled", "attention",
-          "large", "recipe")
+          "profile", "profile-compiled", "large", "recipe")
 
 
 class Check:
@@ -290,14 +291,19 @@ class Check:
         return {"ok": finite and f"trained {steps} steps" in done.stdout, "steps": steps, "loss_finite": finite,
                 "skipped_lines": done.stdout.count("batch skipped")}
 
-    def _bench(self, compile: bool) -> dict:
-        from bertpre.perf.bench import BenchOptions, run_bench
+    def bench_options(self, compile: bool):
+        """``bertpre bench``'s options for the preset's step as this check times it: bf16, its batch."""
+        from bertpre.perf.bench import BenchOptions
 
-        options = BenchOptions(preset="bert-tiny" if self.o.miniature else self.o.preset,
-                               batch_size=self.o.batch_size, seq_length=self.o.seq_length,
-                               vocab_size=self.o.vocab_size, steps=self.o.bench_steps, warmup=3,
-                               precision="bf16", compile=compile)
-        result = run_bench(options)
+        return BenchOptions(preset="bert-tiny" if self.o.miniature else self.o.preset,
+                            batch_size=self.o.batch_size, seq_length=self.o.seq_length,
+                            vocab_size=self.o.vocab_size, steps=self.o.bench_steps, warmup=3,
+                            precision="bf16", compile=compile)
+
+    def _bench(self, compile: bool) -> dict:
+        from bertpre.perf.bench import run_bench
+
+        result = run_bench(self.bench_options(compile))
         return {"ok": True, "speedup": result["speedup"], **result["frameworks"], "machine": result["machine"]}
 
     def stage_bench(self) -> dict:
@@ -306,90 +312,34 @@ class Check:
     def stage_bench_compiled(self) -> dict:
         return self._bench(compile=True)
 
-    def stage_attention(self) -> dict:
-        """SDPA forward + backward at the preset's attention shape: no mask (Flash where it runs),
-        and a padding mask (the kernel a padded batch gets)."""
-        from torch.nn.attention import SDPBackend, sdpa_kernel
+    def stage_profile(self) -> dict:
+        return self._profile(compile=False)
 
+    def stage_profile_compiled(self) -> dict:
+        return self._profile(compile=True)
+
+    def _profile(self, compile: bool) -> dict:
+        from bertpre.perf.breakdown import step_profile
+
+        return {"ok": True, **step_profile(self.device, self.bench_options(compile), 3 if self.o.miniature else 5)}
+
+    def stage_attention(self) -> dict:
         from bertpre.model.bert import BertConfig
+        from bertpre.perf.gpucheck_kernels import attention_timings
 
         config = BertConfig.from_preset(self.o.preset)
         heads, size = (2, 32) if self.o.miniature else (config.num_heads, config.hidden_size // config.num_heads)
-        B, T = self.o.batch_size, self.o.seq_length
-        dtype = torch.bfloat16 if self.device.type == "cuda" else torch.float32
-        q, k, v = (torch.randn(B, heads, T, size, device=self.device, dtype=dtype, requires_grad=True)
-                   for _ in range(3))
-        mask = torch.ones(B, 1, 1, T, dtype=torch.bool, device=self.device)
-        mask[: B // 2, ..., -T // 8:] = False  # half the rows padded by an eighth
-        cases = {"no mask (default choice)": (None, None), "padding mask (default choice)": (mask, None)}
-        if self.device.type == "cuda":
-            cases.update({"no mask, Flash": (None, SDPBackend.FLASH_ATTENTION),
-                          "no mask, memory-efficient": (None, SDPBackend.EFFICIENT_ATTENTION),
-                          "padding mask, memory-efficient": (mask, SDPBackend.EFFICIENT_ATTENTION)})
-        timings = {}
-        for name, (m, backend) in cases.items():
-            def step(m=m):
-                out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m, dropout_p=0.1)
-                out.sum().backward()
-            try:
-                if backend is None:
-                    timings[name] = time_ms(step, self.device)
-                else:
-                    with sdpa_kernel([backend]):
-                        timings[name] = time_ms(step, self.device)
-            except RuntimeError as e:
-                timings[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
-        # the q/k/v projections as the model computes them (one product of the three weights
-        # concatenated) against three separate products, forward + backward
-        hidden = heads * size
-        x = torch.randn(B, T, hidden, device=self.device, dtype=dtype, requires_grad=True)
-        weights = [torch.randn(hidden, hidden, device=self.device, dtype=dtype, requires_grad=True) for _ in range(3)]
-
-        def separate():
-            sum(torch.nn.functional.linear(x, w).sum() for w in weights).backward()
-
-        def fused():
-            torch.nn.functional.linear(x, torch.cat(weights)).sum().backward()
-
-        projections = {"q/k/v separate": time_ms(separate, self.device), "q/k/v fused": time_ms(fused, self.device)}
-        return {"ok": True, "shape": [B, heads, T, size], "dtype": str(dtype), "ms": timings,
-                "projections_ms": projections}
+        return attention_timings(self.device, self.o.batch_size, heads, self.o.seq_length, size)
 
     def stage_large(self) -> dict:
         from bertpre.model.bert import BertConfig
-        from bertpre.perf.bench import BenchOptions, _build
-        from bertpre.training.throughput import model_flops_per_token, peak_flops
+        from bertpre.perf.gpucheck_kernels import largest_batch
 
-        rows, largest = [], None
         config = BertConfig.from_preset(self.o.large_preset, vocab_size=self.o.vocab_size)
         if self.o.miniature:
             config = BertConfig(vocab_size=self.o.vocab_size, **MINIATURE_LARGE)
-        peak, _ = peak_flops(self.device, "bf16-mixed")
-        for batch in self.o.large_batch_sizes:
-            options = BenchOptions(preset=self.o.large_preset, batch_size=batch, seq_length=self.o.seq_length,
-                                   vocab_size=self.o.vocab_size, precision="bf16")
-            try:
-                if self.device.type == "cuda":
-                    torch.cuda.empty_cache()
-                    torch.cuda.reset_peak_memory_stats(self.device)
-                step = _build("bertpre", options, self.device, config=config)[1]  # the step holds the model
-                seconds = time_ms(step, self.device, repeats=3 if self.o.miniature else 5)
-            except torch.cuda.OutOfMemoryError:
-                rows.append({"batch_size": batch, "fits": False})
-                break
-            finally:
-                step = None  # frees the model and its optimizer before the next size
-            tokens = batch * self.o.seq_length / (seconds / 1000)
-            row = {"batch_size": batch, "fits": True, "ms_per_step": round(seconds, 1), "tokens_per_sec": round(tokens)}
-            if peak:
-                row["mfu"] = round(tokens * model_flops_per_token(config, self.o.seq_length) / peak, 4)
-            if self.device.type == "cuda":
-                row["peak_memory_gb"] = round(torch.cuda.max_memory_allocated(self.device) / 2**30, 1)
-            rows.append(row)
-            largest = batch
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-        return {"ok": largest is not None, "preset": self.o.large_preset, "largest_batch": largest, "rows": rows}
+        return largest_batch(self.device, config, self.o.large_preset, self.o.large_batch_sizes, self.o.seq_length,
+                             repeats=3 if self.o.miniature else 5)
 
     def stage_recipe(self) -> dict:
         data = self.work / "recipe-data"

@@ -91,6 +91,10 @@ def format_table(results: dict) -> str:
             figures.append(f"bertpre {r['bertpre']['tokens_per_s']} tok/s, mfu {r['bertpre']['mfu']}, "
                            f"{r['bertpre']['peak_memory_mb']} MB; transformers {r['transformers']['tokens_per_s']} "
                            f"tok/s, {r['transformers']['peak_memory_mb']} MB")
+        if name.startswith("profile") and "share" in r:
+            figures.append(f"{r['wall_ms_per_step']} ms/step" + (f", busy {r['busy']:.0%}" if "busy" in r else "")
+                           + (f", matmul {r['matmul_tflops']} TFLOP/s" if "matmul_tflops" in r else "") + "; "
+                           + ", ".join(f"{c} {v:.0%}" for c, v in sorted(r["share"].items(), key=lambda kv: -kv[1])))
         if name == "attention":
             timed = {**r.get("ms", {}), **r.get("projections_ms", {})}
             figures.append("; ".join(f"{k} {v}" for k, v in timed.items()))

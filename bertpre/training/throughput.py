@@ -28,15 +28,17 @@ GPU_PEAK_FLOPS = {
 PEAK_ENV = "BERTPRE_PEAK_TFLOPS"
 
 
-def model_flops_per_token(config: BertConfig, seq_length: int, predicted_fraction: float = 0.15) -> float:
+def model_flops_per_token(config: BertConfig, seq_length: int, predicted_fraction: float = 0.15,
+                          attention: bool = True) -> float:
     """Training FLOPs per token: 6 x non-embedding encoder parameters, attention scores and
-    values (12 x layers x seq x hidden), and the MLM head for the predicted share of tokens."""
+    values (12 x layers x seq x hidden; left out with ``attention=False``: what the matrix
+    products of the weights compute), and the MLM head for the predicted share of tokens."""
     assert config.vocab_size is not None
     H, L_, I, V = config.hidden_size, config.num_layers, config.intermediate_size, config.vocab_size
     encoder = 6 * L_ * (4 * H * H + 2 * H * I)
-    attention = 12 * L_ * seq_length * H
+    scores_and_values = 12 * L_ * seq_length * H if attention else 0
     mlm_head = 6 * predicted_fraction * (H * H + H * V)
-    return float(encoder + attention + mlm_head)
+    return float(encoder + scores_and_values + mlm_head)
 
 
 def time_matmul(size: int, dtype: torch.dtype) -> float:

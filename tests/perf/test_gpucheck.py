@@ -57,8 +57,12 @@ def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
     failed = {k: v.get("error") for k, v in results["stages"].items() if not v.get("ok")}
     assert results["ok"] and not failed, failed
     assert set(results["stages"]) == {"environment", "prepare", "eager", "compiled", "resume", "fp16", "bench",
-                                      "bench-compiled", "attention", "large", "recipe"}
+                                      "bench-compiled", "attention", "profile", "profile-compiled", "large", "recipe"}
     stages = results["stages"]
+    for name in ("profile", "profile-compiled"):
+        assert stages[name]["ms_per_step"]["matmul"] > 0 and abs(sum(stages[name]["share"].values()) - 1) < 1e-3
+    assert stages["profile-compiled"]["ms_per_step"]["compiled (fused)"] > 0 and stages["profile"]["matmul_tflops"] > 0
+    assert "compiled (fused)" not in stages["profile"]["ms_per_step"]
     for name in ("eager", "compiled"):
         assert stages[name]["loss_finite"] and stages[name]["loss_falling"] and stages[name]["tokens_per_sec"] > 0
     assert stages["compiled"]["graph_breaks"] == 0 and stages["compiled"]["unexpected_recompiles"] == 0
