@@ -46,7 +46,7 @@ def test_the_compiled_stage_trains_with_the_chosen_compile_mode(tmp_path, monkey
     assert commands[1][commands[1].index("--model.compile_mode") + 1] == "max-autotune-no-cudagraphs"
 
 
-@pytest.mark.slow  # about 2 minutes on 2 cores (two compiles)
+@pytest.mark.slow  # about 4 minutes on 2 cores (three compiles)
 def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
     books = [str(SAMPLE / "carroll-alice.txt"), str(SAMPLE / "austen-persuasion.txt")]
     out = tmp_path / "check"
