@@ -3,13 +3,20 @@
 
 import numpy as np
 import pytest
-from conftest import WIKITEXT, gutenberg_books
+from conftest import SHARED_DATA, WIKITEXT, gutenberg_books
 from tokenizers import Tokenizer, pre_tokenizers
 
 from bertpre.cli import main
 from bertpre.data.corpus import CorpusOptions, CorpusStats, expand_inputs, read_documents
 from bertpre.data.prepare import tokenizer_sample
-from bertpre.data.tokenizer import _DELETED_WHITESPACE, SentenceEncoder, load_tokenizer, train_tokenizer, word_cacheable
+from bertpre.data.tokenizer import (
+    _DELETED_WHITESPACE,
+    SentenceEncoder,
+    load_tokenizer,
+    normalized_characters,
+    train_tokenizer,
+    word_cacheable,
+)
 
 ODD_TEXT = [
     "a\x1cb c\u2028d e\x0bf\x85g h\x0ci Caf\u00e9 NA\u00cfVE \u4e2d\u6587\u5b57 x\u200by " + "z" * 150,
@@ -45,6 +52,23 @@ def test_word_cache_gives_the_tokenizers_ids(book_sentences, cased):
     for start in range(0, 3000, 500):
         ids, counts = small.encode(sentences[start : start + 500])
         assert np.array_equal(ids, direct_ids(tokenizer, sentences[start : start + 500])[0])
+
+
+@pytest.mark.parametrize("cased", [False, True])
+def test_the_characters_a_tokenizer_declares_are_those_of_the_normalised_text(book_sentences, cased):
+    """Normalising each distinct character alone gives the characters of the normalised text: real
+    English and Chinese text, Wikipedia's, and characters with accents, combining marks, a Greek
+    final sigma, controls and odd spaces."""
+    chinese = (SHARED_DATA / "corpora" / "chinese-novels" / "红楼梦.txt").read_text(encoding="utf-8")[:100_000]
+    wikitext = (WIKITEXT / "valid.txt").read_text(encoding="utf-8").splitlines()[:1000]
+    texts = book_sentences[:10_000] + wikitext + chinese.splitlines() + ODD_TEXT + [
+        "ΟΔΥΣΣΕΥΣ Ὀδυσσεύς e\u0301 A\u030a\u0323"]
+    tokenizer = train_tokenizer(texts[:200], 300, lowercase=not cased)  # only its normalizer counts here
+    whole = set()
+    for start in range(0, len(texts), 10_000):
+        whole.update(tokenizer.normalizer.normalize_str("\n".join(texts[start : start + 10_000])))
+    assert normalized_characters(tokenizer, texts) == whole
+    assert len(whole) > 2000  # the Chinese novel's characters among them
 
 
 def test_words_are_split_only_where_the_tokenizer_splits(gutenberg_prepared):
