@@ -110,6 +110,7 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 5,
         result["busy"] = round(min(1.0, total / 1e6 / wall), 4)
     matmul_s = categories.get("matmul", 0.0) / 1e6 / steps
     if matmul_flops and matmul_s > 0:
+        result["matmul_flops"] = matmul_flops
         result["matmul_tflops"] = float(f"{matmul_flops / matmul_s / 1e12:.3g}")  # 3 significant digits
     return result
 
@@ -124,13 +125,16 @@ def format_profile(result: dict) -> str:
     return "\n".join(lines)
 
 
-def step_profile(device: torch.device, options: BenchOptions, steps: int = 5) -> dict:
-    """bench's bertpre step (``options``) under the profiler: its time by kernel category, and the
-    rate its matrix products reach (the products of the weights: the encoder's, and the MLM head's
-    at every prediction slot the collator gives)."""
-    step = _build("bertpre", options, device)[1]
+def step_profile(device: torch.device, options: BenchOptions, steps: int = 5, framework: str = "bertpre") -> dict:
+    """bench's step of ``framework`` (bertpre's, or transformers' BertForPreTraining) under the
+    profiler: its time by kernel category, and the rate its matrix products reach (the products of
+    the weights: the encoder's, and the MLM head's where it is evaluated: bertpre's at the
+    prediction slots the collator gives, transformers' at every position)."""
+    step = _build(framework, options, device)[1]
     config = BertConfig.from_preset(options.preset, vocab_size=options.vocab_size)
     T = options.seq_length
-    per_token = model_flops_per_token(config, T, default_max_predictions(T) / T, attention=False)
+    head_share = default_max_predictions(T) / T if framework == "bertpre" else 1.0
+    per_token = model_flops_per_token(config, T, head_share, attention=False)
     result = profile_step(step, device, steps=steps, matmul_flops=per_token * options.batch_size * T)
-    return {"preset": options.preset, "batch_size": options.batch_size, "compiled": options.compile, **result}
+    return {"framework": framework, "preset": options.preset, "batch_size": options.batch_size,
+            "compiled": options.compile, **result}

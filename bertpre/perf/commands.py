@@ -31,8 +31,8 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="the device's dense peak in TFLOP/s for MFU (default: the datasheet figure of a known "
                         "GPU part, a measured matmul peak on CPU)")
     p.add_argument("--profile", action="store_true",
-                   help="then profile bertpre's step (5 steps under torch.profiler): its kernel time (on CPU, "
-                        "operator time) by category, and the rate its matrix products reach")
+                   help="then profile each framework's step (5 steps under torch.profiler): its kernel time (on "
+                        "CPU, operator time) by category, and the rate its matrix products reach")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     return p
 
@@ -51,10 +51,14 @@ def bench_command(argv: Sequence[str]) -> None:
         results.append(run_bench(options))
         print(format_result(results[-1]), flush=True)
         if args.profile:
+            from bertpre.perf.bench import FRAMEWORKS
             from bertpre.perf.breakdown import format_profile, step_profile
 
-            results[-1]["profile"] = step_profile(options.resolved_device(), options)
-            print(format_profile(results[-1]["profile"]), flush=True)
+            results[-1]["profile"] = {}
+            for framework in FRAMEWORKS:
+                profile = results[-1]["profile"][framework] = step_profile(options.resolved_device(), options,
+                                                                          framework=framework)
+                print(f"{framework}, profiled: " + format_profile(profile), flush=True)
     if args.output:
         with open(args.output, "w", encoding="utf-8") as f:
             json.dump(results, f, indent=2)

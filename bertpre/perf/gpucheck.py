@@ -319,9 +319,14 @@ class Check:
         return self._profile(compile=True)
 
     def _profile(self, compile: bool) -> dict:
+        """bertpre's step profiled; eager, transformers' too (compiled, it would cost another compile)."""
         from bertpre.perf.breakdown import step_profile
 
-        return {"ok": True, **step_profile(self.device, self.bench_options(compile), 3 if self.o.miniature else 5)}
+        steps = 3 if self.o.miniature else 5
+        result = {"ok": True, **step_profile(self.device, self.bench_options(compile), steps)}
+        if not compile:
+            result["transformers"] = step_profile(self.device, self.bench_options(compile), steps, "transformers")
+        return result
 
     def stage_attention(self) -> dict:
         from bertpre.model.bert import BertConfig

@@ -73,6 +73,13 @@ def last_line(done: subprocess.CompletedProcess) -> str:
     return f"exit status {done.returncode}: {lines[-1] if lines else 'no output'}"
 
 
+def profile_figures(r: dict) -> str:
+    """A profiled step in a line: its time, the device's busy share, the products' rate, the categories."""
+    return (f"{r['wall_ms_per_step']} ms/step" + (f", busy {r['busy']:.0%}" if "busy" in r else "")
+            + (f", matmul {r['matmul_tflops']} TFLOP/s" if "matmul_tflops" in r else "") + "; "
+            + ", ".join(f"{c} {v:.0%}" for c, v in sorted(r["share"].items(), key=lambda kv: -kv[1])))
+
+
 def format_table(results: dict) -> str:
     lines = []
     env = results["stages"].get("environment", {})
@@ -92,9 +99,8 @@ def format_table(results: dict) -> str:
                            f"{r['bertpre']['peak_memory_mb']} MB; transformers {r['transformers']['tokens_per_s']} "
                            f"tok/s, {r['transformers']['peak_memory_mb']} MB")
         if name.startswith("profile") and "share" in r:
-            figures.append(f"{r['wall_ms_per_step']} ms/step" + (f", busy {r['busy']:.0%}" if "busy" in r else "")
-                           + (f", matmul {r['matmul_tflops']} TFLOP/s" if "matmul_tflops" in r else "") + "; "
-                           + ", ".join(f"{c} {v:.0%}" for c, v in sorted(r["share"].items(), key=lambda kv: -kv[1])))
+            figures.append(profile_figures(r) + ("; transformers: " + profile_figures(r["transformers"])
+                                                 if "transformers" in r else ""))
         if name == "attention":
             timed = {**r.get("ms", {}), **r.get("projections_ms", {})}
             figures.append("; ".join(f"{k} {v}" for k, v in timed.items()))

@@ -80,6 +80,7 @@ def test_bench_profile_adds_the_breakdown_of_each_preset_to_its_results(tmp_path
 
     import bertpre.perf.bench as bench
     from bertpre.cli import main
+    from bertpre.data.masking import default_max_predictions
 
     monkeypatch.setattr(bench, "run_bench", lambda options: {"preset": options.preset})
     monkeypatch.setattr(bench, "format_result", lambda result: f"timed {result['preset']}")
@@ -87,8 +88,14 @@ def test_bench_profile_adds_the_breakdown_of_each_preset_to_its_results(tmp_path
     main(["bench", "--presets", "bert-tiny", "--batch-size", "4", "--seq-length", "32", "--vocab-size", "1000",
           "--device", "cpu", "--profile", "--output", str(out)])
     [result] = json.loads(out.read_text())
-    profile = result["profile"]
-    assert profile["preset"] == "bert-tiny" and profile["batch_size"] == 4 and not profile["compiled"]
-    assert profile["ms_per_step"]["matmul"] > 0 and profile["steps"] == 5
+    ours, theirs = result["profile"]["bertpre"], result["profile"]["transformers"]
+    assert ours["preset"] == "bert-tiny" and ours["batch_size"] == 4 and not ours["compiled"]
+    for profile in (ours, theirs):
+        assert profile["ms_per_step"]["matmul"] > 0 and profile["steps"] == 5
+    # transformers' MLM head runs at every position, bertpre's at the prediction slots
+    head = 6 * (128 * 128 + 128 * 1000)  # per position evaluated: the transform and the decoder
+    positions = 4 * 32 - 4 * default_max_predictions(32)  # evaluated by transformers alone
+    assert theirs["matmul_flops"] - ours["matmul_flops"] == pytest.approx(head * positions)
     printed = capsys.readouterr().out
-    assert printed.index("timed bert-tiny") < printed.index("CPU operators' own time") < printed.index("matmul")
+    assert printed.index("timed bert-tiny") < printed.index("bertpre, profiled: CPU operators' own time") \
+        < printed.index("transformers, profiled:")

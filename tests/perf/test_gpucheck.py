@@ -63,6 +63,8 @@ def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
         assert stages[name]["ms_per_step"]["matmul"] > 0 and abs(sum(stages[name]["share"].values()) - 1) < 1e-3
     assert stages["profile-compiled"]["ms_per_step"]["compiled (fused)"] > 0 and stages["profile"]["matmul_tflops"] > 0
     assert "compiled (fused)" not in stages["profile"]["ms_per_step"]
+    assert stages["profile"]["transformers"]["framework"] == "transformers" and "transformers" not in \
+        stages["profile-compiled"]
     for name in ("eager", "compiled"):
         assert stages[name]["loss_finite"] and stages[name]["loss_falling"] and stages[name]["tokens_per_sec"] > 0
     assert stages["compiled"]["graph_breaks"] == 0 and stages["compiled"]["unexpected_recompiles"] == 0
