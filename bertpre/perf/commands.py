@@ -31,8 +31,9 @@ def bench_parser() -> argparse.ArgumentParser:
                    help="the device's dense peak in TFLOP/s for MFU (default: the datasheet figure of a known "
                         "GPU part, a measured matmul peak on CPU)")
     p.add_argument("--profile", action="store_true",
-                   help="then profile each framework's step (5 steps under torch.profiler): its kernel time (on "
-                        "CPU, operator time) by category, and the rate its matrix products reach")
+                   help="then profile each framework's step (a fresh model, compiled again with --compile; 5 steps "
+                        "under torch.profiler after 3 of warm-up): its kernel time (on CPU, operator time) by "
+                        "category, and the rate its matrix products reach")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
     return p
 
