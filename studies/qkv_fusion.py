@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
-import time
 import types
 from pathlib import Path
 
 import torch
 
 from bertpre.model.bert import PRESETS, EncoderLayer
-from bertpre.perf.bench import BenchOptions, _build, _sync, machine_description
+from bertpre.perf.bench import BenchOptions, _build, machine_description
+from studies.step_arms import time_alternating
 
 
 def separate_projections(self: EncoderLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -39,19 +38,7 @@ def time_arms(options: BenchOptions) -> dict:
     separate_model, separate = _build("bertpre", options, device)
     with_separate_projections(separate_model)
     # the same seed, weights and batch: only the q/k/v projections differ
-    steps = {"fused": fused, "separate": separate}
-    for step in steps.values():
-        for _ in range(options.warmup):
-            step()
-    times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(options.steps):
-        for name, step in steps.items():  # alternate, so both see the same machine state
-            _sync(device)
-            start = time.perf_counter()
-            step()
-            _sync(device)
-            times[name].append(time.perf_counter() - start)
-    medians = {name: statistics.median(t) * 1000 for name, t in times.items()}
+    medians = time_alternating({"fused": fused, "separate": separate}, device, options.warmup, options.steps)
     return {"preset": options.preset, "ms_per_step": {k: round(v, 2) for k, v in medians.items()},
             "separate_over_fused": round(medians["separate"] / medians["fused"], 3)}
 

@@ -121,3 +121,27 @@ def test_the_qkv_study_baseline_computes_what_the_model_computes():
     mlm_b, nsp_b = separate(ids, types_)
     assert torch.allclose(mlm_a, mlm_b, atol=1e-5) and torch.allclose(nsp_a, nsp_b, atol=1e-5)
     assert all(layer._qkv.__func__.__name__ == "separate_projections" for layer in separate.layers)
+
+
+def test_the_mlm_loss_study_swaps_only_the_loss_for_its_step():
+    """studies/mlm_loss runs the same step with the loss's own backward and with F.cross_entropy:
+    inside a step the pretraining loss calls the arm's function (the same value), and after it the
+    product's loss is back."""
+    import torch
+
+    import bertpre.training.loss as loss_module
+    from studies.mlm_loss import cross_entropy, with_mlm_loss
+
+    calls, values = [], []
+    logits = torch.randn(6, 20)
+    targets = torch.tensor([3, -100, 7, 0, -100, 19])
+
+    def step():
+        calls.append(loss_module.masked_lm_cross_entropy)
+        values.append(loss_module.pretraining_loss(logits, targets).mlm_loss)
+
+    product = loss_module.masked_lm_cross_entropy
+    with_mlm_loss(cross_entropy, step)()
+    with_mlm_loss(product, step)()
+    assert calls == [cross_entropy, product] and loss_module.masked_lm_cross_entropy is product
+    assert torch.allclose(values[0], values[1], atol=1e-6)
