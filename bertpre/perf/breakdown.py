@@ -18,7 +18,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bertpre.data.masking import default_max_predictions
 from bertpre.model.bert import BertConfig
-from bertpre.perf.bench import BenchOptions, _build
+from bertpre.perf.bench import BenchOptions, _build, _sync
 from bertpre.training.throughput import model_flops_per_token
 
 # (category, substrings of a lower-cased kernel or operator name), the first match wins: the
@@ -53,31 +53,12 @@ def kernel_category(name: str) -> str:
     return OTHER
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def profile_step(step: Callable[[], None], device: torch.device, steps: int = 5, warmup: int = 3,
-                 matmul_flops: float | None = None, top: int = 12) -> dict:
-    """Run ``step`` ``warmup`` times, then ``steps`` times under the profiler. Returns the time per
-    step by category (ms and share), the ``top`` kernels (or, on CPU, operators) by their own time,
-    the device's busy share of the wall time (GPU), and, given the FLOPs of one step's matrix
-    products, the rate the matrix-product kernels reach (TFLOP/s)."""
-    assert steps >= 1 and warmup >= 0
-    for _ in range(warmup):
-        step()
-    _sync(device)
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-    with profile(activities=activities) as prof:
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        wall = time.perf_counter() - start
-    on_device = device.type == "cuda"
-    own: dict[str, float] = {}  # microseconds in all the profiled steps, by kernel or operator
-    for event in prof.key_averages():
+def own_time(events, on_device: bool) -> dict[str, float]:
+    """Microseconds each kernel (``on_device``: the CUDA rows of the profiler's averages; the CPU
+    operators that launched them are left out, or their kernels would count twice) or each CPU
+    operator (its own time, without the profiler's step markers) spent, by name."""
+    own: dict[str, float] = {}
+    for event in events:
         if on_device:
             if event.device_type != DeviceType.CUDA:
                 continue
@@ -88,6 +69,14 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 5,
             micros = event.self_cpu_time_total
         if micros > 0:
             own[event.key] = own.get(event.key, 0.0) + micros
+    return own
+
+
+def summarise(own: dict[str, float], steps: int, wall: float, on_device: bool, matmul_flops: float | None = None,
+              top: int = 12) -> dict:
+    """``own`` (microseconds by kernel or operator over ``steps`` steps that took ``wall`` seconds)
+    per step by category (ms and share), the ``top`` names, the device's busy share of the wall
+    time (GPU), and given one step's matrix-product FLOPs, the rate those kernels reach."""
     total = sum(own.values())
     assert total > 0, "the profiler recorded no time"
     categories: dict[str, float] = {}
@@ -113,6 +102,25 @@ def profile_step(step: Callable[[], None], device: torch.device, steps: int = 5,
         result["matmul_flops"] = matmul_flops
         result["matmul_tflops"] = float(f"{matmul_flops / matmul_s / 1e12:.3g}")  # 3 significant digits
     return result
+
+
+def profile_step(step: Callable[[], None], device: torch.device, steps: int = 5, warmup: int = 3,
+                 matmul_flops: float | None = None, top: int = 12) -> dict:
+    """Run ``step`` ``warmup`` times, then ``steps`` times under the profiler (with CUDA's
+    activity on a GPU): ``summarise`` of what it recorded."""
+    assert steps >= 1 and warmup >= 0
+    for _ in range(warmup):
+        step()
+    _sync(device)
+    on_device = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if on_device else [])
+    with profile(activities=activities) as prof:
+        start = time.perf_counter()
+        for _ in range(steps):
+            step()
+        _sync(device)
+        wall = time.perf_counter() - start
+    return summarise(own_time(prof.key_averages(), on_device), steps, wall, on_device, matmul_flops, top)
 
 
 def format_profile(result: dict) -> str:

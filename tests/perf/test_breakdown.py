@@ -4,7 +4,7 @@ do, and a profiled step of bench's model on CPU."""
 import pytest
 import torch
 
-from bertpre.perf.breakdown import OTHER, format_profile, kernel_category, profile_step
+from bertpre.perf.breakdown import OTHER, format_profile, kernel_category, own_time, profile_step, summarise
 
 # kernel names as CUDA profiles of the training step show them (H100/H200, torch 2.x), and CPU operators
 NAMES = {
@@ -43,6 +43,37 @@ NAMES = {
 @pytest.mark.parametrize("name", NAMES)
 def test_a_kernel_is_sorted_by_what_it_does(name):
     assert kernel_category(name) == NAMES[name]
+
+
+def row(key, device_type, own_cpu=0.0, own_device=0.0):
+    """One row of the profiler's averages, as torch gives it (microseconds)."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(key=key, device_type=device_type, self_cpu_time_total=own_cpu,
+                           self_device_time_total=own_device)
+
+
+def test_a_gpu_profile_counts_kernels_once_and_says_how_busy_the_device_was():
+    """The CUDA branch, as a GPU run's averages give it (CI has no GPU): the kernels' time counts,
+    the CPU operators that launched them (whose own device time repeats their kernels') do not."""
+    from torch.autograd import DeviceType
+
+    events = [row("aten::mm", DeviceType.CPU, own_cpu=900.0, own_device=6000.0),  # launched the gemm
+              row("nvjet_tst_192x192_64x4_2x1_v_bz_coopB_TNN", DeviceType.CUDA, own_device=6000.0),
+              row("void pytorch_flash::flash_fwd_kernel<Flash_fwd_kernel_traits<64>>", DeviceType.CUDA,
+                  own_device=2000.0),
+              row("void at::native::(anonymous namespace)::vectorized_layer_norm_kernel<float, float>",
+                  DeviceType.CUDA, own_device=1000.0),
+              row("ProfilerStep#3", DeviceType.CPU, own_cpu=50.0)]
+    own = own_time(events, on_device=True)
+    assert sum(own.values()) == 9000.0 and "aten::mm" not in own
+    # 2 steps in 10 ms of wall time: 4.5 ms of kernels a step, the GPU busy 90%
+    result = summarise(own, steps=2, wall=0.010, on_device=True, matmul_flops=6e9)
+    assert result["ms_per_step"] == {"matmul": 3.0, "attention": 1.0, "layer norm": 0.5}
+    assert result["busy"] == 0.9 and result["matmul_tflops"] == 2.0  # 6 GFLOP in 3 ms
+    assert result["what"] == "CUDA kernels' time" and "device busy 90%" in format_profile(result)
+    cpu = own_time(events, on_device=False)  # on a CPU: operators' own time, no step marker
+    assert cpu == {"aten::mm": 900.0} and "busy" not in summarise(cpu, steps=2, wall=0.01, on_device=False)
 
 
 def test_a_profiled_cpu_step_accounts_its_time_by_category():
