@@ -13,16 +13,14 @@ Two shapes: configs/bert-mini-cpu.yaml's model (no dropout) at its batch 64 x 64
 from __future__ import annotations
 
 import argparse
-import json
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 import bertpre.training.loss as loss_module
 from bertpre.model.bert import BertConfig
-from bertpre.perf.bench import BenchOptions, _build, machine_description
-from studies.step_arms import time_alternating
+from bertpre.perf.bench import BenchOptions, _build
+from studies.step_arms import add_timing_arguments, time_alternating, write_results
 
 SHAPES = {  # name: (batch, seq, vocab, dropout)
     "bert-mini-cpu": (64, 64, 8192, 0.0),
@@ -65,11 +63,7 @@ def time_shape(name: str, steps: int, warmup: int, precision: str, device: str) 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", choices=["32", "bf16"], default="32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output", type=Path, help="write results.json here")
+    add_timing_arguments(p)
     a = p.parse_args(argv)
     rows = []
     for name in a.shapes:
@@ -78,11 +72,7 @@ def main(argv: list[str] | None = None) -> None:
         ms = row["ms_per_step"]
         print(f"{name}: own backward {ms['own backward']} ms/step, F.cross_entropy {ms['F.cross_entropy']} ms/step, "
               f"F.cross_entropy / own {row['cross_entropy_over_own']}", flush=True)
-    result = {"machine": machine_description(BenchOptions(device=a.device).resolved_device()),
-              "options": {k: v for k, v in vars(a).items() if k != "output"}, "rows": rows}
-    if a.output:
-        a.output.mkdir(parents=True, exist_ok=True)
-        (a.output / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_results(a, rows)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,13 @@ step by step in one process, and prints the median ms/step of each and the ratio
 from __future__ import annotations
 
 import argparse
-import json
 import types
-from pathlib import Path
 
 import torch
 
 from bertpre.model.bert import PRESETS, EncoderLayer
-from bertpre.perf.bench import BenchOptions, _build, machine_description
-from studies.step_arms import time_alternating
+from bertpre.perf.bench import BenchOptions, _build
+from studies.step_arms import add_timing_arguments, time_alternating, write_results
 
 
 def separate_projections(self: EncoderLayer, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -49,11 +47,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seq-length", type=int, default=128)
     p.add_argument("--vocab-size", type=int, default=30522)
-    p.add_argument("--steps", type=int, default=20)
-    p.add_argument("--warmup", type=int, default=3)
-    p.add_argument("--precision", choices=["32", "bf16"], default="32")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--output", type=Path, help="write results.json here")
+    add_timing_arguments(p)
     a = p.parse_args(argv)
     rows = []
     for preset in a.presets:
@@ -64,11 +58,7 @@ def main(argv: list[str] | None = None) -> None:
         rows.append(row)
         print(f"{preset}: fused {row['ms_per_step']['fused']} ms/step, separate {row['ms_per_step']['separate']} "
               f"ms/step, separate / fused {row['separate_over_fused']}", flush=True)
-    result = {"machine": machine_description(BenchOptions(device=a.device).resolved_device()),
-              "options": {k: v for k, v in vars(a).items() if k != "output"}, "rows": rows}
-    if a.output:
-        a.output.mkdir(parents=True, exist_ok=True)
-        (a.output / "results.json").write_text(json.dumps(result, indent=2, default=str) + "\n")
+    write_results(a, rows)
 
 
 if __name__ == "__main__":
