@@ -46,6 +46,31 @@ def test_the_compiled_stage_trains_with_the_chosen_compile_mode(tmp_path, monkey
     assert commands[1][commands[1].index("--model.compile_mode") + 1] == "max-autotune-no-cudagraphs"
 
 
+def test_the_large_stage_stops_at_the_first_batch_that_runs_out_of_memory(monkeypatch):
+    """What only a GPU reaches (CI has none): a size whose model or step raises CUDA's
+    out-of-memory error ends the search, reported as not fitting; the largest that ran is kept."""
+    import torch
+
+    import bertpre.perf.gpucheck_kernels as kernels
+    from bertpre.model.bert import BertConfig
+
+    built = []
+
+    def build(framework, options, device, config=None):
+        built.append(options.batch_size)
+        if options.batch_size >= 512:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return None, lambda: None
+
+    monkeypatch.setattr(kernels, "_build", build)
+    monkeypatch.setattr(kernels, "time_ms", lambda step, device, repeats: 10.0)
+    config = BertConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=2, intermediate_size=128)
+    result = kernels.largest_batch(torch.device("cpu"), config, "bert-large", (128, 256, 512, 768), 128, repeats=1)
+    assert built == [128, 256, 512] and result["largest_batch"] == 256 and result["ok"]
+    assert [r["fits"] for r in result["rows"]] == [True, True, False]
+    assert result["rows"][1]["tokens_per_sec"] == 256 * 128 * 100  # 10 ms a step
+
+
 @pytest.mark.slow  # about 4 minutes on 2 cores (three compiles)
 def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
     books = [str(SAMPLE / "carroll-alice.txt"), str(SAMPLE / "austen-persuasion.txt")]
