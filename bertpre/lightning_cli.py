@@ -17,6 +17,7 @@ import warnings
 from pathlib import Path
 
 from jsonargparse import ArgumentError
+from lightning.fabric.utilities.exceptions import MisconfigurationException
 from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar, TQDMProgressBar
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
@@ -37,7 +38,7 @@ from bertpre.training.checkpointing import (
 )
 from bertpre.training.curves import plot_curves
 from bertpre.training.nonfinite import NonFiniteGuard
-from bertpre.training.precision import emulated_bf16_warning, resolve_precision
+from bertpre.training.precision import emulated_bf16_warning, missing_cuda, resolve_precision
 from bertpre.training.preemption import PreemptionCheckpoint
 from bertpre.training.pretraining import PretrainModule
 from bertpre.training.progress import ModelLine, StepProgressBar, quiet_lightning
@@ -94,6 +95,7 @@ class BertpreCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         strategy = self.option(self.config_init, "trainer.strategy")
         check_strategy(strategy)
+        check_gpus(self.option(self.config_init, "trainer.accelerator"), self.option(self.config_init, "trainer.devices"))
         if strategy == "ddp":
             # gradients as views into DDP's all-reduce buckets: no copy of every gradient into the buckets
             # and back each step, and one gradient-sized buffer less (a user's own DDPStrategy is kept)
@@ -110,7 +112,13 @@ class BertpreCLI(LightningCLI):
             kwargs["precision"] = precision
             if int(os.environ.get("LOCAL_RANK", 0)) == 0 and int(os.environ.get("NODE_RANK", 0)) == 0:
                 print(f"precision {precision} (trainer.precision unset: {why})", flush=True)
-        trainer = super().instantiate_trainer(**kwargs)
+        try:
+            trainer = super().instantiate_trainer(**kwargs)
+        except UserError:
+            raise
+        except (MisconfigurationException, ValueError, ModuleNotFoundError) as e:
+            # Lightning's word on trainer options that cannot work (here): a bad value, a missing accelerator
+            raise UserError("trainer: " + " ".join(str(e).split())) from None
         warning = emulated_bf16_warning(trainer.strategy.root_device.type, str(trainer.precision))
         if warning and trainer.is_global_zero:
             print(warning, flush=True)
@@ -256,6 +264,20 @@ def check_strategy(strategy) -> None:
     if name and any(word in name.lower() for word in ("fsdp", "deepspeed", "modelparallel")):
         raise UserError(f"trainer.strategy {name}: sharded training is not supported (gradient clipping and LAMB "
                         "would use per-shard norms); use ddp, which holds BERT-large with room to spare on one GPU")
+
+
+def check_gpus(accelerator, devices) -> None:
+    """A run that asks for GPUs (trainer.accelerator gpu or cuda) where torch finds none, or fewer
+    than trainer.devices, is refused in one line saying why (Lightning's own error is a traceback)."""
+    if not (isinstance(accelerator, str) and accelerator.lower() in ("gpu", "cuda")):
+        return
+    why = missing_cuda()
+    if why:
+        raise UserError(f"trainer.accelerator {accelerator}: {why}")
+    if isinstance(devices, int) or (isinstance(devices, str) and devices.isdigit()):  # GPUs per node
+        why = missing_cuda(f"cuda:{int(devices) - 1}") if int(devices) > 1 else None
+        if why:
+            raise UserError(f"trainer.devices {devices}: {why}")
 
 
 def slurm_requeued(root: Path) -> bool:

@@ -94,3 +94,18 @@ def gradient_poison(step: int, parameter, value: float):
                 self.after = {k: v.clone() for k, v in module.state_dict().items()}
 
     return GradientPoison()
+
+
+def fake_gpus(monkeypatch, gpus: int, cuda: str | None = "12.8", hip: str | None = None, visible: str | None = None):
+    """What torch reports about GPUs, set for one test: ``gpus`` visible, the build's CUDA (or ROCm) version."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.version, "cuda", cuda)
+    monkeypatch.setattr(torch.version, "hip", hip)
+    if visible is None:
+        monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    else:
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+

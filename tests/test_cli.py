@@ -5,7 +5,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, fake_gpus
 
 from bertpre.cli import main
 
@@ -134,6 +134,37 @@ def test_train_errors_are_one_line(sample_prepared, tmp_path, capsys):
     assert "max_seq_length 64" in err and "max_position_embeddings 32" in err
     assert "not found" in cli_error(capsys, *base, "--data.path", str(tmp_path / "nowhere"))
     assert "set trainer.max_steps" in cli_error(capsys, *base, "--trainer.max_steps", "-1")
+
+
+def test_a_gpu_this_machine_lacks_is_refused_in_one_line(sample_prepared, tmp_path, capsys, monkeypatch):
+    """Asking for GPUs torch cannot see (a CPU-only build, CUDA_VISIBLE_DEVICES, fewer than trainer.devices)
+    gets the reason in one line, as do the trainer options Lightning itself refuses, before anything is written."""
+    run = tmp_path / "run"
+    base = ["train", "--config", TINY, "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(run),
+            "--trainer.max_steps", "2", "--trainer.enable_progress_bar", "false"]
+    fake_gpus(monkeypatch, gpus=0, cuda=None)
+    assert cli_error(capsys, *base, "--trainer.accelerator", "gpu").startswith(
+        "bertpre train: error: trainer.accelerator gpu: torch ")
+    fake_gpus(monkeypatch, gpus=0, visible="")
+    assert cli_error(capsys, *base, "--trainer.accelerator", "cuda").endswith(
+        "trainer.accelerator cuda: CUDA_VISIBLE_DEVICES='' hides every GPU")
+    fake_gpus(monkeypatch, gpus=1)
+    assert cli_error(capsys, *base, "--trainer.accelerator", "gpu", "--trainer.devices", "2").endswith(
+        "trainer.devices 2: torch sees 1 GPU (cuda:0)")
+    monkeypatch.undo()
+    assert cli_error(capsys, *base, "--trainer.val_check_interval", "-1").startswith(
+        "bertpre train: error: trainer: You have passed invalid value -1 for val_check_interval")
+    assert "`num_nodes` must be a positive integer" in cli_error(capsys, *base, "--trainer.num_nodes", "0")
+    assert not run.exists() or not any(run.rglob("*")), list(run.rglob("*"))  # no logs, no checkpoints
+    fake_gpus(monkeypatch, gpus=0, cuda=None)
+    assert cli_error(capsys, "bench", "--device", "cuda:1").startswith("bertpre bench: error: --device cuda:1: torch ")
+    assert cli_error(capsys, "bench", "--device", "gpu") == \
+        "bertpre bench: error: --device gpu: not a device bench times on (auto, cpu, cuda or cuda:N)"
+    mine = tmp_path / "results.json"
+    mine.write_text("mine")
+    assert cli_error(capsys, "bench", "--output", str(mine)) == \
+        f"bertpre bench: error: --output {mine} exists (use --overwrite to replace it)"
+    assert mine.read_text() == "mine"
 
 
 def test_checkpoint_from_another_tokenizer_is_refused(sample_prepared, tmp_path, capsys):

@@ -35,16 +35,22 @@ def bench_parser() -> argparse.ArgumentParser:
                         "under torch.profiler after 3 of warm-up): its kernel time (on CPU, operator time) by "
                         "category, and the rate its matrix products reach")
     p.add_argument("--output", default=None, help="also write the results as JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output file")
     return p
 
 
 def bench_command(argv: Sequence[str]) -> None:
     import json
 
+    from bertpre.outputs import atomic_write, check_replaceable
     from bertpre.perf.bench import BenchOptions, format_result, run_bench
+    from bertpre.training.checkpointing import check_writable
 
     p = bench_parser()
     args = p.parse_args(argv)
+    if args.output:  # before the timing, not after it
+        check_replaceable(args.output, args.overwrite, "file")
+        check_writable(Path(args.output).absolute().parent, "--output")
     results = []
     for preset in args.presets:
         options = BenchOptions(preset, args.batch_size, args.seq_length, args.vocab_size, args.steps, args.warmup,
@@ -61,8 +67,7 @@ def bench_command(argv: Sequence[str]) -> None:
                                                                           framework=framework)
                 print(f"{framework}, profiled: " + format_profile(profile), flush=True)
     if args.output:
-        with open(args.output, "w", encoding="utf-8") as f:
-            json.dump(results, f, indent=2)
+        atomic_write(args.output, lambda f: f.write(json.dumps(results, indent=2).encode()), "--output " + args.output)
 
 
 def gpu_check_parser() -> argparse.ArgumentParser:

@@ -44,7 +44,7 @@ import torch
 import yaml
 
 from bertpre.errors import UserError
-from bertpre.outputs import atomic_write, check_replaceable
+from bertpre.outputs import atomic_write, check_apart, check_replaceable
 from bertpre.perf.gpucheck_results import (
     format_table,
     last_line,
@@ -54,6 +54,7 @@ from bertpre.perf.gpucheck_results import (
     series,
     throughput,
 )
+from bertpre.training.precision import missing_cuda
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and data_prep/sample
 # a model small enough for a CPU, for --miniature: every other setting is the shipped config's
@@ -392,7 +393,11 @@ def run_gpu_check(options: GpuCheckOptions) -> dict:
     unknown = [s for s in options.stages if s not in STAGES]
     if unknown:
         raise UserError(f"--stages: unknown stage {unknown[0]!r}; choose from {', '.join(STAGES)}")
+    check_apart(options.output, [*options.inputs, *(options.corpus or [])])
     check_replaceable(options.output, options.overwrite, "folder")
+    why = None if options.miniature else missing_cuda()
+    if why:  # the full-size stages train bert-base and bert-large: hours on a CPU
+        raise UserError(f"no GPU to check: {why}; --miniature runs every stage with tiny models on a CPU")
     options.output.mkdir(parents=True, exist_ok=True)
     check = Check(options)
     results = check.run()

@@ -1,8 +1,10 @@
 """What the machine supports, for the choices bertpre makes for the user: the training
-precision when the config leaves ``trainer.precision`` unset (``null``)."""
+precision when the config leaves ``trainer.precision`` unset (``null``), and why a GPU asked for
+is not there."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 # CPU flags (Linux /proc/cpuinfo) of native bf16 matrix arithmetic: without them bf16 runs emulated,
@@ -61,3 +63,23 @@ def resolve_precision(accelerator: str | None) -> tuple[str, str]:
     wants_gpu = str(accelerator or "auto") in ("auto", "gpu", "cuda")
     on_cuda = wants_gpu and torch.cuda.is_available()
     return auto_precision(on_cuda, cuda_bf16=on_cuda and torch.cuda.is_bf16_supported())
+
+
+def missing_cuda(device: str = "cuda") -> str | None:
+    """Why ``device`` ('cuda' or 'cuda:N') cannot run here, in words that say what to check, or
+    None when it can."""
+    import torch
+
+    index = torch.device(device).index or 0
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index < count:
+        return None
+    if count:
+        return f"torch sees {count} GPU{'s' if count > 1 else ''} ({', '.join(f'cuda:{i}' for i in range(count))})"
+    toolkit = f"CUDA {torch.version.cuda}" if torch.version.cuda else f"ROCm {torch.version.hip}" if torch.version.hip else None
+    if toolkit is None:
+        return f"torch {torch.__version__} is a CPU-only build (install a build of torch for your GPU)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and visible.strip() in ("", "-1"):
+        return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
+    return f"torch {torch.__version__} ({toolkit}) finds no GPU (is one visible, with a driver for {toolkit}?)"

@@ -4,7 +4,7 @@ with tiny models), so that on a GPU only the GPU can fail; and the compiled Ligh
 import json
 
 import pytest
-from conftest import ROOT, SAMPLE
+from conftest import ROOT, SAMPLE, fake_gpus
 
 from bertpre.cli import main
 
@@ -27,6 +27,8 @@ def test_bad_options_get_one_line(tmp_path, capsys):
     assert error_line(capsys, "--output", str(busy)) == \
         f"bertpre gpu-check: error: --output {busy} exists and is not empty (use --overwrite to replace it)"
     assert (busy / "notes.txt").read_text() == "mine"
+    assert error_line(capsys, "--output", str(busy / "check"), "--input", str(busy)) == \
+        f"bertpre gpu-check: error: --output {busy / 'check'} lies inside the input {busy}; write the output elsewhere"
     assert "--compile-mode: invalid choice: 'fastest'" in error_line(capsys, "--output", str(tmp_path / "c"),
                                                                      "--compile-mode", "fastest")
 
@@ -142,3 +144,19 @@ def test_a_compiled_model_gets_every_batch_padded_to_the_full_length(sample_prep
             assert data.pad_to_multiple_of == full and lengths == {full}, lengths
         else:
             assert data.pad_to_multiple_of == 8 and len(lengths) > 1, lengths
+
+
+def test_without_a_gpu_the_full_size_check_is_refused_before_it_writes(tmp_path, capsys, monkeypatch):
+    """Full size, gpu-check trains bert-base and bert-large: hours on a CPU, so it says so at once."""
+    from bertpre.perf.gpucheck import Check
+
+    def started(self):
+        raise AssertionError("a full-size check started without a GPU")
+
+    monkeypatch.setattr(Check, "run", started)
+    fake_gpus(monkeypatch, gpus=0, cuda=None)
+    err = error_line(capsys, "--output", str(tmp_path / "check"))
+    assert err.startswith("bertpre gpu-check: error: no GPU to check: torch ") and err.endswith(
+        "is a CPU-only build (install a build of torch for your GPU); --miniature runs every stage with tiny "
+        "models on a CPU")
+    assert not (tmp_path / "check").exists()

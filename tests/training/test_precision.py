@@ -1,5 +1,7 @@
 """The precision bertpre picks when a config leaves trainer.precision unset."""
 
+from conftest import fake_gpus
+
 from bertpre.training.precision import auto_precision, cpu_flags
 
 ZEN4 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nflags\t\t: fpu sse2 avx2 avx512f avx512_bf16 avx512_vnni\n"
@@ -76,3 +78,23 @@ def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_pr
         out = capsys.readouterr().out
         assert ("warning: trainer.precision bf16-mixed on a CPU without AVX512-BF16 or AMX" in out) == warned, out
         assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_missing_gpu_is_explained_by_what_to_check(monkeypatch):
+    from bertpre.training.precision import missing_cuda
+
+    fake_gpus(monkeypatch, gpus=0, cuda=None)
+    assert "is a CPU-only build (install a build of torch for your GPU)" in missing_cuda()
+    fake_gpus(monkeypatch, gpus=0, visible="")
+    assert missing_cuda() == "CUDA_VISIBLE_DEVICES='' hides every GPU"
+    fake_gpus(monkeypatch, gpus=0, visible="-1")
+    assert missing_cuda("cuda:0") == "CUDA_VISIBLE_DEVICES='-1' hides every GPU"
+    fake_gpus(monkeypatch, gpus=0)
+    assert "(CUDA 12.8) finds no GPU (is one visible, with a driver for CUDA 12.8?)" in missing_cuda()
+    fake_gpus(monkeypatch, gpus=0, cuda=None, hip="6.4")
+    assert "(ROCm 6.4) finds no GPU" in missing_cuda()
+    fake_gpus(monkeypatch, gpus=1)
+    assert missing_cuda() is None and missing_cuda("cuda:0") is None
+    assert missing_cuda("cuda:1") == "torch sees 1 GPU (cuda:0)"
+    fake_gpus(monkeypatch, gpus=2)
+    assert missing_cuda("cuda:1") is None and missing_cuda("cuda:3") == "torch sees 2 GPUs (cuda:0, cuda:1)"
