@@ -301,6 +301,8 @@ def predict_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=64, help="rows per forward pass (default: 64)")
     p.add_argument("--scores", action="store_true",
                    help="add a p_<label> column per class: the softmax probabilities, to pick thresholds")
+    p.add_argument("--device", default="auto",
+                   help="auto (the first GPU where torch sees one, else the CPU), cpu, cuda or cuda:N")
     p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     return p
 
@@ -310,7 +312,8 @@ def run_predict(argv: Sequence[str]) -> None:
 
     p = predict_parser()
     args = p.parse_args(argv)
-    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.overwrite, args.scores)
+    rows = predict_file(args.checkpoint, args.input, args.output, args.batch_size, args.overwrite, args.scores,
+                        args.device)
     print(f"wrote {rows} predictions to {args.output}")
 
 

@@ -159,7 +159,9 @@ def test_a_gpu_this_machine_lacks_is_refused_in_one_line(sample_prepared, tmp_pa
     fake_gpus(monkeypatch, gpus=0, cuda=None)
     assert cli_error(capsys, "bench", "--device", "cuda:1").startswith("bertpre bench: error: --device cuda:1: torch ")
     assert cli_error(capsys, "bench", "--device", "gpu") == \
-        "bertpre bench: error: --device gpu: not a device bench times on (auto, cpu, cuda or cuda:N)"
+        "bertpre bench: error: --device gpu: not a device this command runs on (auto, cpu, cuda or cuda:N)"
+    assert cli_error(capsys, "predict", "--checkpoint", "c.ckpt", "--input", "x.tsv", "--output", str(tmp_path / "p.tsv"),
+                     "--device", "cuda").startswith("bertpre predict: error: --device cuda: torch ")
     mine = tmp_path / "results.json"
     mine.write_text("mine")
     assert cli_error(capsys, "bench", "--output", str(mine)) == \

@@ -29,7 +29,7 @@ from bertpre.model.bert import BertConfig, BertForPretraining
 from bertpre.model.hf import to_transformers
 from bertpre.training.loss import pretraining_loss
 from bertpre.training.optim import adamw_implementation, parameter_groups
-from bertpre.training.precision import emulated_bf16_warning, missing_cuda
+from bertpre.training.precision import emulated_bf16_warning, resolve_device
 from bertpre.training.throughput import model_flops_per_token, peak_flops
 
 FRAMEWORKS = ("bertpre", "transformers")
@@ -49,19 +49,8 @@ class BenchOptions:
     peak_tflops: float | None = None  # the device's peak for MFU, where the datasheet table lacks it
 
     def resolved_device(self) -> torch.device:
-        """The device to time on; --device naming no device, or a GPU this machine lacks, is a UserError."""
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        try:
-            device = torch.device(self.device)
-        except RuntimeError:
-            device = None
-        if device is None or device.type not in ("cpu", "cuda"):
-            raise UserError(f"--device {self.device}: not a device bench times on (auto, cpu, cuda or cuda:N)")
-        why = missing_cuda(self.device) if device.type == "cuda" else None
-        if why:
-            raise UserError(f"--device {self.device}: {why}")
-        return device
+        """The device to time on (a UserError names --device when it is no device or a GPU this machine lacks)."""
+        return resolve_device(self.device)
 
 
 def _batch(options: BenchOptions, device: torch.device) -> dict[str, torch.Tensor]:

@@ -7,6 +7,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from bertpre.errors import UserError
+
 # CPU flags (Linux /proc/cpuinfo) of native bf16 matrix arithmetic: without them bf16 runs emulated,
 # several times slower than fp32 (measured: bert-mini did not finish 4 steps in 5 minutes on an AMD
 # EPYC without them, against 2.5 s a step in fp32)
@@ -83,3 +85,22 @@ def missing_cuda(device: str = "cuda") -> str | None:
     if visible is not None and visible.strip() in ("", "-1"):
         return f"CUDA_VISIBLE_DEVICES={visible!r} hides every GPU"
     return f"torch {torch.__version__} ({toolkit}) finds no GPU (is one visible, with a driver for {toolkit}?)"
+
+
+def resolve_device(name: str, option: str = "--device"):
+    """``name`` (auto, cpu, cuda or cuda:N) as a torch.device, auto being the first GPU where torch
+    sees one; a name that is no such device, or a GPU this machine lacks, is a UserError naming ``option``."""
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UserError(f"{option} {name}: not a device this command runs on (auto, cpu, cuda or cuda:N)")
+    why = missing_cuda(name) if device.type == "cuda" else None
+    if why:
+        raise UserError(f"{option} {name}: {why}")
+    return device

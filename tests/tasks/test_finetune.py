@@ -349,6 +349,30 @@ def test_predict_scores_are_probabilities_and_jsonl_is_read(finetuned_checkpoint
     assert (tmp_path / "plain.tsv").read_text().splitlines()[0] == "prediction\tsentence"
 
 
+def test_each_row_gets_its_own_prediction_whatever_its_batch(finetuned_checkpoint, sst2_slice, tmp_path):
+    """predict batches rows of about one length together (longest first) and writes them back in the
+    file's order: row for row the scores of the model run on that row alone."""
+    from bertpre.model.checkpoint import load_classifier
+
+    out = tmp_path / "scored.tsv"
+    main(["predict", "--checkpoint", str(finetuned_checkpoint), "--input", str(sst2_slice / "dev.tsv"),
+          "--output", str(out), "--scores", "--batch-size", "16", "--device", "cpu"])
+    written = list(csv.DictReader(out.open(), delimiter="\t", quoting=csv.QUOTE_NONE, escapechar="\\"))
+    given = list(csv.DictReader((sst2_slice / "dev.tsv").open(), delimiter="\t", quoting=csv.QUOTE_NONE))
+    assert [r["content"] for r in written] == [r["content"] for r in given]  # the file's order
+    assert len({len(r["content"].split()) for r in given}) > 20  # rows of many lengths: batches differ from the file
+    model, tokenizer, _ = load_classifier(finetuned_checkpoint)
+    alone = []
+    with torch.no_grad():
+        for row in given:
+            encoding = tokenizer.encode(row["content"])
+            logits = model(torch.tensor([encoding.ids]), torch.tensor([encoding.type_ids]), None)  # (1, 2)
+            alone.append(logits.softmax(-1)[0, 1].item())
+    assert max(alone) - min(alone) > 1e-4  # the rows' scores differ, so a row given another's would show
+    for row, p in zip(written, alone, strict=True):
+        assert abs(float(row["p_1"]) - p) <= 2e-6  # printed to 6 decimals
+
+
 def test_the_default_learning_rate_follows_the_encoder_size(pretrained, capsys):
     from bertpre.tasks.classifier import learning_rate_for
 
