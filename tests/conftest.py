@@ -96,16 +96,24 @@ def gradient_poison(step: int, parameter, value: float):
     return GradientPoison()
 
 
-def fake_gpus(monkeypatch, gpus: int, cuda: str | None = "12.8", hip: str | None = None, visible: str | None = None):
-    """What torch reports about GPUs, set for one test: ``gpus`` visible, the build's CUDA (or ROCm) version."""
+def fake_gpus(monkeypatch, gpus: int, cuda: str | None = "12.8", hip: str | None = None, visible: str | None = None,
+              capability: tuple[int, int] = (9, 0), name: str = "NVIDIA H100 80GB HBM3"):
+    """What torch reports about GPUs, set for one test: ``gpus`` visible, each a ``name`` of compute
+    ``capability``, the build's CUDA (or ROCm) version; bf16 tensors can be made on any of them (emulated
+    before capability 8.0, as on a real V100 or T4)."""
+    from types import SimpleNamespace
+
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: SimpleNamespace(
+        name=name, major=capability[0], minor=capability[1], total_memory=80 * 2**30))
+    monkeypatch.setattr(torch.cuda, "_check_bf16_tensor_supported", lambda device: True)
     monkeypatch.setattr(torch.version, "cuda", cuda)
     monkeypatch.setattr(torch.version, "hip", hip)
     if visible is None:
         monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     else:
         monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
-

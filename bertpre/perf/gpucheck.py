@@ -54,7 +54,7 @@ from bertpre.perf.gpucheck_results import (
     series,
     throughput,
 )
-from bertpre.training.precision import missing_cuda
+from bertpre.training.precision import cuda_bf16_native, missing_cuda
 
 ROOT = Path(__file__).resolve().parents[2]  # the repository: configs/ and data_prep/sample
 # a model small enough for a CPU, for --miniature: every other setting is the shipped config's
@@ -166,7 +166,7 @@ class Check:
         if self.device.type == "cuda":
             props = torch.cuda.get_device_properties(self.device)
             info.update(gpu=props.name, memory_gb=round(props.total_memory / 2**30, 1),
-                        capability=f"{props.major}.{props.minor}", bf16=torch.cuda.is_bf16_supported())
+                        capability=f"{props.major}.{props.minor}", bf16=cuda_bf16_native())
         for package in ("lightning", "transformers", "tokenizers", "datasets"):
             try:
                 info[package] = __import__(package).__version__

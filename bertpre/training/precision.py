@@ -48,11 +48,30 @@ def auto_precision(on_cuda: bool, cuda_bf16: bool = False, flags: set[str] | Non
     return "32-true", "the CPU has no AVX512-BF16 or AMX: bf16 would be emulated and slower than fp32"
 
 
+def cuda_bf16_native() -> bool:
+    """Whether the current GPU computes bf16 natively (compute capability 8.0 on, or ROCm). An older
+    one (V100, T4) only emulates it, which ``torch.cuda.is_bf16_supported()`` counts as support."""
+    import torch
+
+    return torch.cuda.is_bf16_supported(including_emulation=False)
+
+
 def emulated_bf16_warning(device_type: str, precision: str, flags: set[str] | None = None,
                           option: str = "trainer.precision") -> str | None:
-    """The warning for a run asked (by ``option``) to compute in bf16 on a CPU that only emulates
-    it, else None."""
-    if device_type != "cpu" or "bf16" not in str(precision) or native_bf16_flags(flags):
+    """The warning for a run asked (by ``option``) to compute in bf16 on a CPU or GPU that only
+    emulates it, else None."""
+    if "bf16" not in str(precision):
+        return None
+    if device_type == "cuda":
+        if cuda_bf16_native():
+            return None
+        import torch
+
+        props = torch.cuda.get_device_properties(torch.cuda.current_device())
+        return (f"warning: {option} {precision} on {props.name} (compute capability {props.major}.{props.minor}), "
+                "which has no native bf16 (8.0 on): bf16 is emulated there, many times slower; 16-mixed (fp16 with "
+                "loss scaling) is this GPU's mixed precision")
+    if device_type != "cpu" or native_bf16_flags(flags):
         return None
     return (f"warning: {option} {precision} on a CPU without AVX512-BF16 or AMX: bf16 is emulated there, "
             "many times slower than fp32 (fp32 is the faster choice on this machine)")
@@ -64,7 +83,7 @@ def resolve_precision(accelerator: str | None) -> tuple[str, str]:
 
     wants_gpu = str(accelerator or "auto") in ("auto", "gpu", "cuda")
     on_cuda = wants_gpu and torch.cuda.is_available()
-    return auto_precision(on_cuda, cuda_bf16=on_cuda and torch.cuda.is_bf16_supported())
+    return auto_precision(on_cuda, cuda_bf16=on_cuda and cuda_bf16_native())
 
 
 def missing_cuda(device: str = "cuda") -> str | None:

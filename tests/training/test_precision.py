@@ -56,6 +56,22 @@ def test_the_cuda_branch_of_the_choice_runs_on_cpu(monkeypatch):
     assert resolve_precision("cpu")[0] in ("bf16-mixed", "32-true")  # asked for the CPU: never a GPU precision
 
 
+def test_a_gpu_that_only_emulates_bf16_gets_fp16_and_a_warning_when_bf16_is_asked_for(monkeypatch):
+    """A V100 or T4 can hold bf16 tensors, which torch.cuda.is_bf16_supported() counts as support by
+    default; it computes them emulated. bertpre's choice takes fp16 there, and warns when asked for bf16."""
+    from bertpre.training.precision import emulated_bf16_warning, resolve_precision
+
+    fake_gpus(monkeypatch, gpus=1, capability=(7, 5), name="Tesla T4")
+    assert resolve_precision("auto") == ("16-mixed", "the GPU has no bf16: fp16 with loss scaling")
+    assert emulated_bf16_warning("cuda", "bf16-mixed") == (
+        "warning: trainer.precision bf16-mixed on Tesla T4 (compute capability 7.5), which has no native bf16 "
+        "(8.0 on): bf16 is emulated there, many times slower; 16-mixed (fp16 with loss scaling) is this GPU's "
+        "mixed precision")
+    assert emulated_bf16_warning("cuda", "16-mixed") is None
+    fake_gpus(monkeypatch, gpus=1, capability=(9, 0))
+    assert resolve_precision("gpu")[0] == "bf16-mixed" and emulated_bf16_warning("cuda", "bf16-mixed") is None
+
+
 def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_prepared, tmp_path, capsys,
                                                                         monkeypatch):
     from conftest import ROOT
@@ -65,7 +81,9 @@ def test_bf16_asked_for_on_a_cpu_that_only_emulates_it_is_warned_about(sample_pr
 
     assert hardware.emulated_bf16_warning("cpu", "bf16-mixed", cpu_flags(ZEN4)) is None
     assert hardware.emulated_bf16_warning("cpu", "32-true", cpu_flags(OLD_XEON)) is None
+    fake_gpus(monkeypatch, gpus=1, capability=(8, 0), name="NVIDIA A100-SXM4-80GB")
     assert hardware.emulated_bf16_warning("cuda", "bf16-mixed", set()) is None
+    monkeypatch.undo()
     assert hardware.emulated_bf16_warning("cpu", "bf16", set(), option="--precision").startswith(
         "warning: --precision bf16 on a CPU without AVX512-BF16 or AMX")  # bertpre bench's option
     for cpuinfo, warned in ((OLD_XEON, True), (SAPPHIRE_RAPIDS, False)):
