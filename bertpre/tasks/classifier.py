@@ -24,6 +24,7 @@ from bertpre.model.checkpoint import TASK_KEY, load_pretrained
 from bertpre.tasks.datamodule import TaskDataModule
 from bertpre.training.nonfinite import NonFiniteGuard
 from bertpre.training.optim import build_optimizer, clip_gradients
+from bertpre.training.precision import use_tensor_cores
 
 # Fine-tuning learning rate by encoder width: small BERTs want a larger rate than BERT-base's
 # 2e-5..5e-5 (Devlin et al. 2019). Google's compact BERTs (Turc et al. 2019, "Well-Read Students
@@ -158,6 +159,9 @@ class ClassifierModule(L.LightningModule):
 
     def configure_callbacks(self) -> list[L.Callback]:
         return [self.nonfinite_guard]
+
+    def on_fit_start(self) -> None:
+        use_tensor_cores(self.device)  # fine-tuning's configs run fp32
 
     def setup(self, stage: str) -> None:
         if self.model is None:

@@ -14,7 +14,7 @@ from bertpre.errors import UserError
 from bertpre.model.checkpoint import load_classifier
 from bertpre.outputs import atomic_write, check_apart, check_replaceable, output_lock
 from bertpre.tasks.table import collate, encode_rows, read_table
-from bertpre.training.precision import resolve_device
+from bertpre.training.precision import resolve_device, use_tensor_cores
 
 
 def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_path: str | Path,
@@ -27,6 +27,7 @@ def predict_file(checkpoint_path: str | Path, input_path: str | Path, output_pat
     check_apart(output_path, [input_path, checkpoint_path])
     check_replaceable(output_path, overwrite, "file")
     on = resolve_device(device)
+    use_tensor_cores(on)
     model, tokenizer, task = load_classifier(checkpoint_path)
     model.to(on)
     rows = read_table(input_path)

@@ -39,6 +39,7 @@ from bertpre.training.optim import (
 )
 from bertpre.training.options import check_options
 from bertpre.training.plateau import ordinary_ids, random_context
+from bertpre.training.precision import use_tensor_cores
 from bertpre.training.throughput import ThroughputLogger
 
 # what a run started from another checkpoint's weights may set anew
@@ -217,9 +218,7 @@ class PretrainModule(L.LightningModule):
     def on_fit_start(self) -> None:
         """Before any step: the run folder must be writable and hold the checkpoints the run keeps."""
         trainer = self.trainer
-        if self.device.type == "cuda":
-            # fp32 matrix products on tensor cores (TF32); mixed precision runs are unaffected
-            torch.set_float32_matmul_precision("high")
+        use_tensor_cores(self.device)
         if not trainer.is_global_zero:
             return
         kept = 1  # the temporary file of an atomic save

@@ -272,7 +272,8 @@ def test_a_requeued_slurm_job_resumes_from_lightnings_hpc_checkpoint(sample_prep
 
 def test_the_cuda_branches_of_timing_and_precision_run_as_written(monkeypatch):
     """CI has no GPU: the CUDA-only lines run here against recording stand-ins. A throughput window
-    is timed between two device syncs and logs the allocator's peak; a CUDA run turns on TF32."""
+    is timed between two device syncs and logs the allocator's peak; a CUDA run (pretraining or
+    fine-tuning) turns on TF32."""
     from bertpre.model.bert import BertConfig
     from bertpre.training.pretraining import PretrainModule
     from bertpre.training.throughput import ThroughputLogger
@@ -300,3 +301,9 @@ def test_the_cuda_branches_of_timing_and_precision_run_as_written(monkeypatch):
     pretrain._trainer = SimpleNamespace(is_global_zero=False)
     pretrain.on_fit_start()
     assert calls[-1] == "matmul high"
+
+    from bertpre.tasks.classifier import ClassifierModule  # fine-tuning runs fp32: TF32 too
+
+    calls.clear()
+    ClassifierModule.on_fit_start(SimpleNamespace(device=torch.device("cuda")))
+    assert calls == ["matmul high"]
