@@ -96,12 +96,7 @@ class BertpreCLI(LightningCLI):
         strategy = self.option(self.config_init, "trainer.strategy")
         check_strategy(strategy)
         check_gpus(self.option(self.config_init, "trainer.accelerator"), self.option(self.config_init, "trainer.devices"))
-        if strategy == "ddp":
-            # gradients as views into DDP's all-reduce buckets: no copy of every gradient into the buckets
-            # and back each step, and one gradient-sized buffer less (a user's own DDPStrategy is kept)
-            from lightning.pytorch.strategies import DDPStrategy
-
-            kwargs["strategy"] = DDPStrategy(gradient_as_bucket_view=True)
+        ddp_with_bucket_views()
         root = Path(self.option(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
         plugins = self.option(self.config_init, "trainer.plugins") or []
@@ -264,6 +259,18 @@ def check_strategy(strategy) -> None:
     if name and any(word in name.lower() for word in ("fsdp", "deepspeed", "modelparallel")):
         raise UserError(f"trainer.strategy {name}: sharded training is not supported (gradient clipping and LAMB "
                         "would use per-shard norms); use ddp, which holds BERT-large with room to spare on one GPU")
+
+
+def ddp_with_bucket_views() -> None:
+    """DDP as ``--trainer.strategy ddp`` names it and as Lightning picks it for several devices
+    (strategy auto) keeps gradients as views into its all-reduce buckets: no copy of every gradient
+    into the buckets and back each step, one gradient-sized buffer less. A DDPStrategy the user
+    configures is kept as it is."""
+    from lightning.pytorch.strategies import DDPStrategy, StrategyRegistry
+
+    params = {**StrategyRegistry["ddp"]["init_params"], "gradient_as_bucket_view": True}
+    StrategyRegistry.register("ddp", DDPStrategy, "DDP, gradients as views into its buckets (bertpre)",
+                              override=True, **params)
 
 
 def check_gpus(accelerator, devices) -> None:

@@ -218,25 +218,31 @@ main(sys.argv[1:])
 """
 
 
-@pytest.mark.slow  # a DDP training run over gloo in a subprocess: the slow run
+@pytest.mark.slow  # DDP training runs over gloo in subprocesses: the slow run
 def test_ddp_keeps_gradients_as_views_into_its_buckets(sample_prepared, tmp_path):
-    """`--trainer.strategy ddp` gets DDP with gradient_as_bucket_view (no copy of every gradient into
-    the all-reduce buckets and back each step); one process over gloo trains with it (in a process of
-    its own: a process group and Lightning's DDP environment variables must not outlive it)."""
+    """DDP gets gradient_as_bucket_view (no copy of every gradient into the all-reduce buckets and back
+    each step), whether `--trainer.strategy ddp` names it or Lightning picks it for several devices
+    (strategy auto, as the shipped GPU configs leave it); one process, then two, over gloo train with it
+    (in processes of their own: a process group and Lightning's DDP environment variables must not
+    outlive them; from a script file, which Lightning's launcher runs again for the second rank)."""
     import subprocess
     import sys
 
     from conftest import ROOT
 
-    done = subprocess.run(
-        [sys.executable, "-c", BUCKET_VIEW, "train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"),
-         "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(tmp_path / "run"),
-         "--trainer.strategy", "ddp", "--trainer.devices", "1", "--trainer.accelerator", "cpu",
-         "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
-         "--model.config.hidden_size", "32", "--model.config.num_heads", "2"],
-        capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-2000:]
-    assert "gradient_as_bucket_view True" in done.stdout and "trained 2 steps" in done.stdout
+    script = tmp_path / "look.py"
+    script.write_text(BUCKET_VIEW)
+    for strategy, devices in (("ddp", "1"), ("auto", "2")):
+        done = subprocess.run(
+            [sys.executable, str(script), "train", "--config", str(ROOT / "configs" / "bert-tiny.yaml"),
+             "--data.path", str(sample_prepared), "--trainer.default_root_dir", str(tmp_path / f"run-{strategy}"),
+             "--trainer.strategy", strategy, "--trainer.devices", devices, "--trainer.accelerator", "cpu",
+             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false",
+             "--model.config.hidden_size", "32", "--model.config.num_heads", "2"],
+            capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert done.stdout.count("gradient_as_bucket_view True") == int(devices), (strategy, done.stdout[-2000:])
+        assert "gradient_as_bucket_view False" not in done.stdout and "trained 2 steps" in done.stdout
 
 
 def test_a_requeued_slurm_job_resumes_from_lightnings_hpc_checkpoint(sample_prepared, tmp_path, monkeypatch, capsys,
