@@ -29,7 +29,7 @@ from bertpre.model.bert import BertConfig, BertForPretraining
 from bertpre.model.hf import to_transformers
 from bertpre.training.loss import pretraining_loss
 from bertpre.training.optim import adamw_implementation, parameter_groups
-from bertpre.training.precision import emulated_bf16_warning, resolve_device
+from bertpre.training.precision import emulated_bf16_warning, resolve_device, use_tensor_cores
 from bertpre.training.throughput import model_flops_per_token, peak_flops
 
 FRAMEWORKS = ("bertpre", "transformers")
@@ -150,6 +150,7 @@ def run_bench(options: BenchOptions) -> dict:
     if options.precision not in ("32", "bf16"):
         raise UserError(f"--precision must be 32 or bf16, got {options.precision}")
     device = options.resolved_device()
+    use_tensor_cores(device)  # fp32 matrix products in TF32 on CUDA, as training runs them
     warning = emulated_bf16_warning(device.type, options.precision, option="--precision")
     if warning:
         print(warning, flush=True)

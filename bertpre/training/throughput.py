@@ -11,19 +11,20 @@ import torch
 from bertpre.model.bert import BertConfig
 
 # Dense peak FLOP/s of GPUs by name fragment, the most specific first: (bf16/fp16 tensor core,
-# fp32 without TF32), from the datasheets. torch.cuda.get_device_name gives e.g. "NVIDIA H100 PCIe",
-# "NVIDIA H100 NVL", "NVIDIA H100 80GB HBM3" (the SXM part). An unknown part has no MFU unless
-# BERTPRE_PEAK_TFLOPS (or `bertpre bench --peak-tflops`) gives its peak.
+# TF32 tensor core, fp32 without TF32), from the datasheets (their TF32 figures with sparsity
+# halved). torch.cuda.get_device_name gives e.g. "NVIDIA H100 PCIe", "NVIDIA H100 NVL", "NVIDIA
+# H100 80GB HBM3" (the SXM part). An unknown part has no MFU unless BERTPRE_PEAK_TFLOPS (or
+# `bertpre bench --peak-tflops`) gives its peak.
 GPU_PEAK_FLOPS = {
-    "H100 PCIe": (756e12, 51e12),
-    "H100 NVL": (835e12, 60e12),
-    "H200 NVL": (835e12, 60e12),
-    "H100": (989e12, 67e12),
-    "H200": (989e12, 67e12),
-    "GH200": (989e12, 67e12),
-    "A100": (312e12, 19.5e12),
-    "L40S": (362e12, 91.6e12),
-    "A10G": (125e12, 31.2e12),
+    "H100 PCIe": (756e12, 378e12, 51e12),
+    "H100 NVL": (835e12, 417.5e12, 60e12),
+    "H200 NVL": (835e12, 417.5e12, 60e12),
+    "H100": (989e12, 494.7e12, 67e12),
+    "H200": (989e12, 494.7e12, 67e12),
+    "GH200": (989e12, 494.7e12, 67e12),
+    "A100": (312e12, 156e12, 19.5e12),
+    "L40S": (362e12, 183e12, 91.6e12),
+    "A10G": (125e12, 62.5e12, 31.2e12),
 }
 PEAK_ENV = "BERTPRE_PEAK_TFLOPS"
 
@@ -71,12 +72,17 @@ def measured_cpu_peak(dtype: torch.dtype = torch.float32, max_size: int = 2048, 
     return 2 * size**3 / best, size
 
 
-def gpu_peak(name: str, precision: str) -> tuple[float | None, str]:
-    """The datasheet peak of the GPU called ``name`` (as torch names it) at ``precision``."""
-    low = "16" in str(precision)
-    for fragment, (half, single) in GPU_PEAK_FLOPS.items():
+def gpu_peak(name: str, precision: str, matmul_precision: str | None = None) -> tuple[float | None, str]:
+    """The datasheet peak of the GPU called ``name`` (as torch names it) at ``precision``. An fp32
+    run's matrix products run at torch's float32 matmul precision (``matmul_precision``, default
+    the current one): "highest" in fp32, "high" in TF32 (what bertpre sets on CUDA), "medium" in bf16."""
+    if "16" in str(precision):
+        kind = 0
+    else:
+        kind = {"highest": 2, "high": 1, "medium": 0}[matmul_precision or torch.get_float32_matmul_precision()]
+    for fragment, peaks in GPU_PEAK_FLOPS.items():
         if fragment in name:
-            return (half if low else single), f"{fragment} dense {'bf16' if low else 'fp32'} datasheet peak"
+            return peaks[kind], f"{fragment} dense {('bf16', 'TF32', 'fp32')[kind]} datasheet peak"
     return None, f"unknown peak for {name} (set {PEAK_ENV} or --peak-tflops)"
 
 

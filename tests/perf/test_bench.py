@@ -32,7 +32,13 @@ def test_mfu_peaks_name_the_exact_gpu_part_or_take_an_override(monkeypatch):
     assert gpu_peak("NVIDIA H100 80GB HBM3", "bf16-mixed")[0] == 989e12  # SXM
     assert gpu_peak("NVIDIA H100 PCIe", "bf16-mixed")[0] == 756e12
     assert gpu_peak("NVIDIA H100 NVL", "bf16-mixed")[0] == 835e12
-    assert gpu_peak("NVIDIA H200", "32-true")[0] == 67e12
+    # fp32 runs: the rate their matrix products get, TF32 where bertpre sets it (CUDA runs), else fp32
+    assert gpu_peak("NVIDIA H200", "32-true", "highest") == (67e12, "H200 dense fp32 datasheet peak")
+    assert gpu_peak("NVIDIA H200", "32-true", "high") == (494.7e12, "H200 dense TF32 datasheet peak")
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "32", "medium")[0] == 312e12
+    assert gpu_peak("NVIDIA A100-SXM4-80GB", "bf16-mixed", "highest")[0] == 312e12
+    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "high")
+    assert gpu_peak("NVIDIA H100 PCIe", "32-true")[0] == 378e12
     peak, why = gpu_peak("NVIDIA B300", "bf16-mixed")
     assert peak is None and PEAK_ENV in why
     assert peak_flops(torch.device("cpu"), "32", override_tflops=2.5)[0] == 2.5e12
