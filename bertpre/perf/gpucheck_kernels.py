@@ -6,6 +6,7 @@ stage's result."""
 from __future__ import annotations
 
 import torch
+from torch import Tensor
 
 from bertpre.model.bert import BertConfig
 from bertpre.perf.bench import BenchOptions, _build
@@ -13,11 +14,22 @@ from bertpre.perf.gpucheck_results import time_ms
 from bertpre.training.throughput import model_flops_per_token, peak_flops
 
 
+def math_attention(q: Tensor, k: Tensor, v: Tensor, key_mask: Tensor | None, dropout: float) -> Tensor:
+    """Attention written out, the candidate against SDPA's kernels at short lengths: q, k, v (B, N, T, D),
+    ``key_mask`` (B, 1, 1, T) True where a key may be read; softmax in float32."""
+    scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5  # (B, N, T, T)
+    if key_mask is not None:
+        scores = scores.masked_fill(~key_mask, float("-inf"))
+    probs = torch.nn.functional.dropout(scores.float().softmax(-1), p=dropout, training=dropout > 0)
+    return probs.to(v.dtype) @ v  # (B, N, T, D)
+
+
 def attention_timings(device: torch.device, batch: int, heads: int, seq: int, size: int) -> dict:
     """SDPA forward + backward at (batch, heads, seq, size): no mask (Flash where it runs) and a
     padding mask (the kernel a padded batch gets), each with torch's choice and, on CUDA, each
-    kernel forced; then the q/k/v projections as the model computes them (one product of the three
-    weights side by side) against three separate products."""
+    kernel forced, and ``math_attention`` compiled (inductor writes such a pattern back into SDPA
+    without dropout, but keeps it with BERT's attention dropout); then the q/k/v projections as the
+    model computes them (one product of the three weights side by side) against three separate products."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -42,6 +54,14 @@ def attention_timings(device: torch.device, batch: int, heads: int, seq: int, si
                     timings[name] = time_ms(step, device)
         except RuntimeError as e:
             timings[name] = f"unavailable: {str(e).splitlines()[0][:120]}"
+    compiled = torch.compile(math_attention, dynamic=False)
+    for name, m in (("no mask, math compiled", None), ("padding mask, math compiled", mask)):
+        def step(m=m):
+            compiled(q, k, v, m, 0.1).sum().backward()
+        try:
+            timings[name] = time_ms(step, device)
+        except Exception as e:  # a compiler failure is this candidate's result, not the stage's
+            timings[name] = f"unavailable: {type(e).__name__}: {str(e).splitlines()[0][:120]}"
     hidden = heads * size
     x = torch.randn(batch, seq, hidden, device=device, dtype=dtype, requires_grad=True)
     weights = [torch.randn(hidden, hidden, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]

@@ -48,6 +48,23 @@ def test_the_compiled_stage_trains_with_the_chosen_compile_mode(tmp_path, monkey
     assert commands[1][commands[1].index("--model.compile_mode") + 1] == "max-autotune-no-cudagraphs"
 
 
+def test_the_math_attention_candidate_computes_what_sdpa_computes():
+    """The written-out attention the attention stage times against SDPA's kernels: the same output
+    without dropout, with and without a padding mask; with dropout, another one."""
+    import torch
+
+    from bertpre.perf.gpucheck_kernels import math_attention
+
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 2, 8, 4, dtype=torch.float64, generator=generator) for _ in range(3))
+    mask = torch.ones(3, 1, 1, 8, dtype=torch.bool)
+    mask[0, ..., 5:] = False
+    for m in (None, mask):
+        expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        assert torch.allclose(math_attention(q, k, v, m, 0.0), expected, atol=1e-12)
+    assert not torch.allclose(math_attention(q, k, v, mask, 0.5), expected)
+
+
 def test_the_large_stage_stops_at_the_first_batch_that_runs_out_of_memory(monkeypatch):
     """What only a GPU reaches (CI has none): a size whose model or step raises CUDA's
     out-of-memory error ends the search, reported as not fitting; the largest that ran is kept."""
@@ -98,6 +115,7 @@ def test_the_gpu_check_passes_in_miniature_on_cpu(tmp_path, capsys):
     assert stages["compiled"]["compile_mode"] == "default"
     assert stages["resume"]["max_relative_loss_difference"] == 0.0, "a CPU resume is exact"
     assert stages["large"]["largest_batch"] == 8 and stages["bench"]["speedup"] > 0
+    assert all(isinstance(stages["attention"]["ms"][f"{m}, math compiled"], float) for m in ("no mask", "padding mask"))
     assert stages["recipe"]["val_mlm_accuracy"] is not None
     assert (out / "gpu_check.txt").read_text().splitlines()[1].startswith("stage")
     assert "recipe" in printed and "resume" in printed
