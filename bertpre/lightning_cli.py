@@ -95,7 +95,8 @@ class BertpreCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs):
         strategy = self.option(self.config_init, "trainer.strategy")
         check_strategy(strategy)
-        check_gpus(self.option(self.config_init, "trainer.accelerator"), self.option(self.config_init, "trainer.devices"))
+        check_gpus(self.option(self.config_init, "trainer.accelerator"),
+                   self.option(self.config_init, "trainer.devices"))
         ddp_with_bucket_views()
         root = Path(self.option(self.config_init, "trainer.default_root_dir") or ".")
         check_writable(root, "trainer.default_root_dir")
