@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from pathlib import Path
 
+import torch
+
 from bertpre.data.datamodule import PretrainDataModule
 from bertpre.data.prepared import PreparedData
+from bertpre.perf.bench import machine_description
 
 
 def rate(data: Path, batch_size: int, batches: int, **masking) -> dict:
@@ -48,8 +50,7 @@ def main() -> None:
     settings = [dict(mlm_probability=0.15), dict(mlm_probability=0.3), dict(mlm_probability=0.15, whole_word_masking=True)]
     rows = [rate(args.data, args.batch_size, args.batches, pad_to_multiple_of=length, **s) for s in settings]
     results = {"data": str(args.data), "batch_size": args.batch_size, "batches": args.batches,
-               "cpu": next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                            if line.startswith("model name")), "unknown"), "cores": os.cpu_count(), "rows": rows}
+               "machine": machine_description(torch.device("cpu")), "rows": rows}
     args.output.mkdir(parents=True, exist_ok=True)
     (args.output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
     for row in rows:

@@ -17,13 +17,16 @@ import argparse
 import csv
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
+
+from bertpre.perf.bench import machine_description
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -50,14 +53,6 @@ def classifier(work: Path, table: Path) -> Path:
             "--data.validation_file", str(table), "--trainer.max_steps", "2", "--trainer.limit_val_batches", "2",
             "--trainer.default_root_dir", str(work / "finetuned"))
     return work / "finetuned" / "checkpoints" / "last.ckpt"
-
-
-def cpu_name() -> str:
-    try:
-        lines = Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return platform.machine()
-    return next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
 
 
 def read(path: Path) -> list[dict]:
@@ -94,7 +89,7 @@ def main() -> None:
     results = {
         "baseline": args.baseline, "current": subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
                                                              capture_output=True, text=True).stdout.strip(),
-        "machine": f"{cpu_name()}, {os.cpu_count()} cores", "rows": len(after),
+        "machine": machine_description(torch.device("cpu")), "rows": len(after),
         "seconds": seconds, "median_seconds": medians, "speedup": medians["baseline"] / medians["current"],
         "rows_with_another_prediction": sum(a["prediction"] != b["prediction"] for a, b in zip(before, after)),
         "largest_score_difference": max(abs(float(a[score]) - float(b[score])) for a, b in zip(before, after)),

@@ -48,6 +48,22 @@ def test_the_compiled_stage_trains_with_the_chosen_compile_mode(tmp_path, monkey
     assert commands[1][commands[1].index("--model.compile_mode") + 1] == "max-autotune-no-cudagraphs"
 
 
+def test_the_environment_stage_reports_the_gpu_and_whether_it_computes_bf16(tmp_path, monkeypatch):
+    """The CUDA branch of the environment stage (CI has no GPU: torch's answers faked): a T4 holds bf16
+    tensors but computes them emulated, which the stage reports as no bf16; an H100 computes them."""
+    import torch
+
+    from bertpre.perf.gpucheck import Check, GpuCheckOptions
+    from bertpre.training.precision import resolve_device
+
+    for capability, name, bf16 in (((7, 5), "Tesla T4", False), ((9, 0), "NVIDIA H100 80GB HBM3", True)):
+        fake_gpus(monkeypatch, gpus=1, capability=capability, name=name)
+        info = Check(GpuCheckOptions(tmp_path / "check")).stage_environment()
+        assert (info["device"], info["gpu"], info["capability"], info["bf16"], info["memory_gb"]) == \
+            ("cuda", name, f"{capability[0]}.{capability[1]}", bf16, 80.0)
+        assert resolve_device("auto") == torch.device("cuda") and resolve_device("cuda:0") == torch.device("cuda:0")
+
+
 def test_the_math_attention_candidate_computes_what_sdpa_computes():
     """The written-out attention the attention stage times against SDPA's kernels: the same output
     without dropout, with and without a padding mask; with dropout, another one."""
